@@ -50,3 +50,19 @@ class ForgeError(CcciError):
         super().__init__(message)
         self.status = status
         self.transient = transient
+
+
+class RunInterrupted(BaseException):
+    """The run must stop now: canceled (SIGTERM/SIGINT, exit 143/130) or out of time (exit 142).
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it. The
+    harness' lifetime guard raises it from a signal handler in the main thread; the pipeline
+    scheduler absorbs it, stops in-flight steps, runs the teardown steps and reports the run
+    with ``status``; the harness then exits with ``exit_code``.
+    """
+
+    def __init__(self, status: str, exit_code: int, reason: str = ""):
+        super().__init__(reason or status)
+        self.status = status  # "canceled" | "timed_out"
+        self.exit_code = exit_code
+        self.reason = reason
