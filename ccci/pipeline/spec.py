@@ -1,0 +1,324 @@
+"""ci.yml: a recipe's CI definition, loaded and validated into a ``Pipeline`` before anything runs.
+
+    timeout: 1800            # the whole run, seconds (default 3600)
+    parallelism: 4           # steps running at once (default 4)
+    image: abra-debian       # VM image for the VM executor (default: the executor's own)
+    env:                     # added to every step's environment
+      LETS_ENCRYPT_ENV: ""
+    steps:
+      - name: deploy         # [A-Za-z0-9_.-]+, unique
+        run: abra app deploy -C -n "$APP_DOMAIN"     # /bin/sh -c, recipe checkout as cwd
+        timeout: 600         # this step, seconds (default: only the run's timeout bounds it)
+      - name: smoke
+        needs: [deploy]      # starts when these passed; skipped if one did not
+        fork_from: deploy    # run in a copy of deploy's machine as it was when deploy ended
+        allow_failure: true  # a failure here does not fail the run
+        env:
+          PLAIN: some value
+          TOKEN: {from_env: SMOKE_TOKEN, secret: true}   # read from ccci's environment, redacted
+      - name: undeploy
+        teardown: true       # runs last, whatever happened (timeout default 600 s)
+        run: abra app undeploy -n "$APP_DOMAIN"
+
+An env value is a string (numbers are accepted and stringified) or a mapping with exactly one of
+``value`` (literal) or ``from_env`` (the name of a variable of the environment ccci runs in —
+where operators keep secrets — read when the run starts) and an optional ``secret: true``.
+Secret values are handed to the redactor and must be at least ``MIN_SECRET`` characters long, so
+that redacting them cannot shred ordinary output.
+
+Rules checked here, each error naming the file, the step and the key: unknown keys, bad types,
+duplicate step names, ``needs`` naming unknown steps, cycles, ``fork_from`` not among the step's
+``needs``, teardown steps needing or forking from non-teardown steps, and work steps needing
+teardown steps. Between teardown steps ``needs`` only orders them: a teardown always runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import SpecError
+
+DEFAULT_TIMEOUT = 3600.0
+DEFAULT_PARALLELISM = 4
+TEARDOWN_TIMEOUT = 600.0
+MIN_SECRET = 8
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PIPELINE_KEYS = {"timeout", "parallelism", "env", "image", "steps"}
+_STEP_KEYS = {"name", "run", "needs", "timeout", "allow_failure", "env", "fork_from", "teardown"}
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    """One environment variable a pipeline or step sets: a literal, or read from ccci's environment."""
+
+    name: str
+    value: str | None = None
+    from_env: str | None = None
+    secret: bool = False
+
+    def resolve(self, host_env: Mapping[str, str], where: str) -> str:
+        """Return the value, reading ``from_env`` from ``host_env``; SpecError if it is missing."""
+        if self.from_env is None:
+            return self.value or ""
+        if self.from_env not in host_env:
+            raise SpecError(f"{where}: env {self.name}: from_env {self.from_env} is not set")
+        value = host_env[self.from_env]
+        if self.secret and len(value) < MIN_SECRET:
+            raise SpecError(f"{where}: env {self.name}: secret shorter than {MIN_SECRET} characters")
+        return value
+
+
+@dataclass(frozen=True)
+class Step:
+    """One command of a Pipeline, with its place in the graph; what happened to it is a StepResult."""
+
+    name: str
+    run: str
+    needs: tuple[str, ...] = ()
+    timeout: float | None = None
+    allow_failure: bool = False
+    env: tuple[EnvVar, ...] = ()
+    fork_from: str | None = None
+    teardown: bool = False
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A validated ci.yml: run-wide settings and an acyclic graph of Steps, in declaration order.
+
+    ``image`` is for the VM executor (None: its default image); the process executor ignores it.
+    """
+
+    path: Path
+    steps: tuple[Step, ...]
+    timeout: float = DEFAULT_TIMEOUT
+    parallelism: int = DEFAULT_PARALLELISM
+    image: str | None = None
+    env: tuple[EnvVar, ...] = ()
+
+    def step(self, name: str) -> Step:
+        """Return the step called ``name``."""
+        return next(s for s in self.steps if s.name == name)
+
+    def resolve_env(
+        self, host_env: Mapping[str, str] | None = None
+    ) -> tuple[dict[str, dict[str, str]], list[str]]:
+        """Resolve every step's own environment (pipeline env < step env) and collect secret values."""
+        host_env = os.environ if host_env is None else host_env
+        secrets: list[str] = []
+        base: dict[str, str] = {}
+        for var in self.env:
+            base[var.name] = var.resolve(host_env, f"{self.path}: env")
+            if var.secret:
+                secrets.append(base[var.name])
+        per_step: dict[str, dict[str, str]] = {}
+        for step in self.steps:
+            env = dict(base)
+            for var in step.env:
+                env[var.name] = var.resolve(host_env, f"{self.path}: step {step.name}")
+                if var.secret:
+                    secrets.append(env[var.name])
+            per_step[step.name] = env
+        return per_step, secrets
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate mapping keys instead of silently keeping the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise SpecError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_pipeline(path: Path | str) -> Pipeline:
+    """Read and validate the ci.yml at ``path``; raise SpecError naming the file, step and key."""
+    path = Path(path)
+    try:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    return parse_pipeline(data, path)
+
+
+def parse_pipeline(data: Any, path: Path) -> Pipeline:
+    """Validate already-parsed ci.yml data into a Pipeline."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: the top level must be a mapping with a 'steps' list")
+    _no_unknown(data, _PIPELINE_KEYS, f"{path}")
+    if not isinstance(data.get("steps"), list) or not data["steps"]:
+        raise SpecError(f"{path}: key 'steps': must be a non-empty list")
+    steps = tuple(_parse_step(raw, i, path) for i, raw in enumerate(data["steps"]))
+    pipeline = Pipeline(
+        path=path,
+        steps=steps,
+        timeout=_seconds(data.get("timeout", DEFAULT_TIMEOUT), f"{path}: key 'timeout'"),
+        parallelism=_count(data.get("parallelism", DEFAULT_PARALLELISM), f"{path}: key 'parallelism'"),
+        image=_text(data.get("image"), f"{path}: key 'image'", optional=True),
+        env=_env(data.get("env", {}), f"{path}: key 'env'"),
+    )
+    _check_graph(pipeline)
+    return pipeline
+
+
+def _parse_step(raw: Any, index: int, path: Path) -> Step:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: step #{index + 1}: must be a mapping")
+    name = raw.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise SpecError(f"{path}: step #{index + 1}: key 'name': must match [A-Za-z0-9_.-]+, got {name!r}")
+    where = f"{path}: step {name}"
+    _no_unknown(raw, _STEP_KEYS, where)
+    needs = raw.get("needs", [])
+    if isinstance(needs, str):
+        needs = [needs]
+    if not isinstance(needs, list) or not all(isinstance(n, str) for n in needs):
+        raise SpecError(f"{where}: key 'needs': must be a list of step names")
+    if len(set(needs)) != len(needs):
+        raise SpecError(f"{where}: key 'needs': lists a step twice")
+    timeout = raw.get("timeout")
+    teardown = _flag(raw.get("teardown", False), f"{where}: key 'teardown'")
+    if timeout is None and teardown:
+        timeout = TEARDOWN_TIMEOUT
+    return Step(
+        name=name,
+        run=_text(raw.get("run"), f"{where}: key 'run'"),
+        needs=tuple(needs),
+        timeout=None if timeout is None else _seconds(timeout, f"{where}: key 'timeout'"),
+        allow_failure=_flag(raw.get("allow_failure", False), f"{where}: key 'allow_failure'"),
+        env=_env(raw.get("env", {}), f"{where}: key 'env'"),
+        fork_from=_text(raw.get("fork_from"), f"{where}: key 'fork_from'", optional=True),
+        teardown=teardown,
+    )
+
+
+def _check_graph(pipeline: Pipeline) -> None:
+    by_name: dict[str, Step] = {}
+    for step in pipeline.steps:
+        if step.name in by_name:
+            raise SpecError(f"{pipeline.path}: step {step.name}: key 'name': duplicate step name")
+        by_name[step.name] = step
+    for step in pipeline.steps:
+        where = f"{pipeline.path}: step {step.name}"
+        for need in step.needs:
+            if need not in by_name:
+                raise SpecError(f"{where}: key 'needs': no step is called {need!r}")
+            if need == step.name:
+                raise SpecError(f"{where}: key 'needs': a step cannot need itself")
+            if by_name[need].teardown and not step.teardown:
+                raise SpecError(f"{where}: key 'needs': {need!r} is a teardown step, which runs last")
+            if step.teardown and not by_name[need].teardown:
+                raise SpecError(f"{where}: key 'needs': a teardown step may only need teardown steps")
+        if step.fork_from is not None:
+            if step.fork_from not in step.needs:
+                raise SpecError(f"{where}: key 'fork_from': {step.fork_from!r} must also be in needs")
+            if step.teardown:
+                raise SpecError(f"{where}: key 'fork_from': teardown steps run in the run's own machine")
+    cycle = _find_cycle(by_name)
+    if cycle:
+        raise SpecError(f"{pipeline.path}: step {cycle[0]}: key 'needs': cycle {' -> '.join(cycle)}")
+
+
+def _find_cycle(by_name: dict[str, Step]) -> list[str]:
+    """Return one cycle as a path of names (first == last), or [] if the graph is acyclic."""
+    state: dict[str, int] = {}  # absent: unvisited, 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(name: str) -> list[str]:
+        state[name] = 1
+        path.append(name)
+        for need in by_name[name].needs:
+            if state.get(need) == 1:
+                return path[path.index(need) :] + [need]
+            if need not in state:
+                found = visit(need)
+                if found:
+                    return found
+        path.pop()
+        state[name] = 2
+        return []
+
+    for name in by_name:
+        if name not in state:
+            found = visit(name)
+            if found:
+                return found
+    return []
+
+
+def _no_unknown(raw: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(str(k) for k in raw if k not in allowed)
+    if unknown:
+        raise SpecError(f"{where}: key {unknown[0]!r}: unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _text(value: Any, where: str, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise SpecError(f"{where}: must be a non-empty string, got {value!r}")
+    return value
+
+
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise SpecError(f"{where}: must be true or false, got {value!r}")
+    return value
+
+
+def _seconds(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise SpecError(f"{where}: must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpecError(f"{where}: must be a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _env(raw: Any, where: str) -> tuple[EnvVar, ...]:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: must be a mapping of NAME: value")
+    out = []
+    for name, value in raw.items():
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
+            raise SpecError(f"{where}: {name!r} is not a variable name")
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            out.append(EnvVar(name, value=str(value)))
+            continue
+        if not isinstance(value, dict):
+            raise SpecError(f"{where}: {name}: must be a string or {{value|from_env, secret}}, got {value!r}")
+        _no_unknown(value, {"value", "from_env", "secret"}, f"{where}: {name}")
+        if ("value" in value) == ("from_env" in value):
+            raise SpecError(f"{where}: {name}: give exactly one of 'value' and 'from_env'")
+        secret = _flag(value.get("secret", False), f"{where}: {name}: key 'secret'")
+        if "from_env" in value:
+            source = _text(value["from_env"], f"{where}: {name}: key 'from_env'")
+            out.append(EnvVar(name, from_env=source, secret=secret))
+        else:
+            literal = value["value"]
+            if not isinstance(literal, str | int | float) or isinstance(literal, bool):
+                raise SpecError(f"{where}: {name}: key 'value': must be a string or number")
+            if secret and len(str(literal)) < MIN_SECRET:
+                raise SpecError(f"{where}: {name}: secret shorter than {MIN_SECRET} characters")
+            out.append(EnvVar(name, value=str(literal), secret=secret))
+    return tuple(out)
