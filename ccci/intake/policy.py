@@ -1,0 +1,61 @@
+"""The policy: who may start or cancel a run.
+
+Fail closed, like cc-ci and yunorunner: a login is allowed if it is in ``ALLOWED_USERS``
+(compared case-insensitively, as Gitea compares logins) or the forge confirms it is a member
+of one of ``ALLOWED_ORGS``. Nothing configured means nobody; a membership check that fails
+(forge down, token refused, anything raised) counts as "not a member", and the reason says so
+for the log. ``author_association``-style hints in the payload are never trusted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a login may trigger ccci, and a reason fit for the log."""
+
+    allowed: bool
+    reason: str
+
+
+def authorize(
+    login: str,
+    *,
+    allowed_users: Iterable[str],
+    allowed_orgs: Iterable[str],
+    is_org_member: Callable[[str, str], bool],
+) -> Decision:
+    """Decide whether ``login`` may trigger runs; any doubt means no."""
+    if not login:
+        return Decision(False, "no login")
+    wanted = login.casefold()
+    if any(user.casefold() == wanted for user in allowed_users):
+        return Decision(True, f"{login} is in ALLOWED_USERS")
+    orgs = list(allowed_orgs)
+    failures = []
+    for org in orgs:
+        try:
+            member = is_org_member(org, login)
+        except Exception as exc:  # fail closed on anything the check raises, and say what
+            failures.append(f"membership check in {org} failed ({type(exc).__name__}: {exc})")
+            continue
+        if member is True:
+            return Decision(True, f"{login} is a member of {org}")
+    if not orgs and not failures:
+        reason = f"{login} is not in ALLOWED_USERS and no ALLOWED_ORGS are configured"
+    else:
+        reason = f"{login} is not in ALLOWED_USERS nor a confirmed member of {', '.join(orgs)}"
+    if failures:
+        reason += "; " + "; ".join(failures)
+    return Decision(False, reason)
+
+
+def refusal_text(login: str, trigger: str = "!testme") -> str:
+    """Return the one comment that tells ``login`` why their command was not run."""
+    return (
+        f"@{login}, only maintainers of this recipe can start tests with `{trigger}`, so I have "
+        f"not run anything. A maintainer can comment `{trigger}` to test this pull request."
+    )
