@@ -1,0 +1,184 @@
+"""Helper processes for the harness suite: each subcommand is one real run-like process.
+
+Every helper prints what it does, one flushed line at a time, so the test waits on its output;
+it takes commands as lines on stdin. Logging goes to stdout too, so the guard's warnings are
+visible to the test.
+
+    guard [--deadline S] [--parent-pid P] [--marker F] [--wait-go] [--teardown-wait] [--child]
+          [--finish-on-line]
+    spawn-guarded ARGS...          an intermediate parent that starts `guard ARGS...` and waits
+    hold-lock DIR DOMAIN RUN [--wait S] [--reap-log F] [--guard]
+    janitor DIR [--reap-log F] [--reap-gate]
+    sandbox RUN_DIR ABRA_HOME RECIPE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from ccci.errors import RunInterrupted
+from ccci.harness.lifetime import install_guard
+
+
+def say(*words: object) -> None:
+    print(*words, flush=True)
+
+
+def cmd_guard(args: argparse.Namespace) -> int:
+    if args.wait_go:
+        say("waiting-go")
+        sys.stdin.readline()
+    try:
+        guard = install_guard(args.deadline, parent_pid=args.parent_pid)
+    except RunInterrupted as exc:
+        Path(args.marker).write_text(f"not started: {exc.status}")
+        say("interrupted-before-start", exc.status, exc.reason)
+        return exc.exit_code
+    child = None
+    try:
+        if args.child:
+            child = subprocess.Popen(["sleep", "600"])
+            say("child", child.pid)
+        say("ready", os.getpid(), os.getsid(0), os.getpgid(0))
+        if args.finish_on_line:
+            sys.stdin.readline()  # the body ends normally when the test says so
+        else:
+            while True:
+                signal.pause()
+    except RunInterrupted as exc:
+        say("interrupted", exc.status)
+    finally:
+        guard.begin_teardown()
+        say("teardown-begins")
+        if args.teardown_wait:
+            sys.stdin.readline()  # the test sends more signals first, then "finish"
+        if child is not None:
+            say("child-ended", child.wait())
+        status = guard.interrupted.status if guard.interrupted else "finished"
+        Path(args.marker).write_text(f"teardown done: {status} {','.join(guard.signals)}")
+        say("teardown-done", status)
+    return guard.exit_code(0)
+
+
+def cmd_spawn_guarded(args: argparse.Namespace) -> int:
+    child = subprocess.Popen(
+        [sys.executable, __file__, "guard", "--parent-pid", str(os.getpid()), *args.rest]
+    )
+    say("child", child.pid)
+    say("spawned")
+    child.wait()
+    return 0
+
+
+def reap_logger(path: str | None, gate: bool):
+    def reap(holder) -> None:
+        say("reaping", holder.run_id)
+        if gate:
+            sys.stdin.readline()
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps({"run": holder.run_id, "by": os.getpid()}) + "\n")
+
+    return reap
+
+
+def cmd_hold_lock(args: argparse.Namespace) -> int:
+    from ccci.harness.applock import AppBusy, acquire_app_lock
+
+    guard = install_guard(3600) if args.guard else None
+    try:
+        lock = acquire_app_lock(
+            Path(args.dir),
+            args.domain,
+            run_id=args.run,
+            recipe="demo",
+            wait=args.wait,
+            reap=reap_logger(args.reap_log, False),
+            on_wait=lambda holder: say("waiting", holder.run_id if holder else "unknown"),
+        )
+    except AppBusy as exc:
+        say("busy", str(exc))
+        return 3
+    except RunInterrupted as exc:
+        say("interrupted", exc.status)
+        return exc.exit_code
+    held, path = os.fstat(lock.fd), os.stat(lock.path)
+    say("ready", held.st_ino, path.st_ino)
+    sys.stdin.readline()
+    lock()
+    say("released")
+    if guard is not None:
+        guard.uninstall()
+    return 0
+
+
+def cmd_janitor(args: argparse.Namespace) -> int:
+    from ccci.harness.applock import probe_and_reap
+
+    reaped = probe_and_reap(Path(args.dir), reap_logger(args.reap_log, args.reap_gate))
+    say("reaped", len(reaped))
+    return 0
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from ccci.harness.sandbox import RunSandbox
+
+    with RunSandbox(Path(args.run_dir), Path(args.abra_home), args.recipe) as sandbox:
+        say("ready", sandbox.abra_dir)
+        sys.stdin.readline()
+    say("left")
+    return 0
+
+
+def main() -> int:
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="log %(message)s")
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("guard")
+    p.add_argument("--deadline", type=float, default=3600)
+    p.add_argument("--parent-pid", type=int)
+    p.add_argument("--marker", default=os.devnull)
+    p.add_argument("--wait-go", action="store_true")
+    p.add_argument("--teardown-wait", action="store_true")
+    p.add_argument("--child", action="store_true")
+    p.add_argument("--finish-on-line", action="store_true")
+    sub.add_parser("spawn-guarded")  # every further argument goes to the guarded child
+    p = sub.add_parser("hold-lock")
+    p.add_argument("dir")
+    p.add_argument("domain")
+    p.add_argument("run")
+    p.add_argument("--wait", type=float, default=60)
+    p.add_argument("--reap-log")
+    p.add_argument("--guard", action="store_true")
+    p = sub.add_parser("janitor")
+    p.add_argument("dir")
+    p.add_argument("--reap-log")
+    p.add_argument("--reap-gate", action="store_true")
+    p = sub.add_parser("sandbox")
+    p.add_argument("run_dir")
+    p.add_argument("abra_home")
+    p.add_argument("recipe")
+    args, rest = parser.parse_known_args()
+    if args.command == "spawn-guarded":
+        args.rest = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    handler = {
+        "guard": cmd_guard,
+        "spawn-guarded": cmd_spawn_guarded,
+        "hold-lock": cmd_hold_lock,
+        "janitor": cmd_janitor,
+        "sandbox": cmd_sandbox,
+    }[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
