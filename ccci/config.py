@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 from .errors import ConfigError
@@ -79,7 +80,7 @@ class Settings:
             env[ENV_PREFIX + f.name] = str(value)
         return env
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         """Return a copy with ``changes`` applied and validated."""
         return _validated(replace(self, **changes))
 
@@ -126,7 +127,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         raw.update(_read_toml(Path(config_file)))
     for key, value in environ.items():
         if key.startswith(ENV_PREFIX) and key != "CCCI_CONFIG":
-            name = key[len(ENV_PREFIX):]
+            name = key[len(ENV_PREFIX) :]
             if name in _FIELD_TYPES:
                 raw[name] = value
     raw.update(overrides)

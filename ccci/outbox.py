@@ -1,0 +1,114 @@
+"""The courier: delivers the outbox's forge writes in order, retrying with backoff.
+
+Everything ccci says on the forge — reactions, the run's status comment, commit statuses,
+refusals — is first written to the store's outbox, then delivered from here. So the webhook
+answers without waiting on the forge, and nothing is lost while the forge is down: a write
+that fails stays in the outbox and is tried again later, with exponential backoff.
+
+Writes of one run go out in order: while one is failing, the run's later writes wait behind
+it, so an edit never overtakes the comment it edits and ``success`` never precedes ``pending``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+from .errors import ForgeError
+from .store import OutboxItem, Store
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF = 300.0
+# 4xx answers that will never succeed however often they are retried: give up on those.
+PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 410, 422, 423})
+
+
+class Courier:
+    """Delivers outbox writes to the forge; owned by the worker process."""
+
+    def __init__(self, store: Store, forge: Any, *, base_backoff: float = 1.0):
+        self.store = store
+        self.forge = forge
+        self.base_backoff = base_backoff
+
+    def deliver_due(self, now: float | None = None) -> float | None:
+        """Deliver every write that is due; return when the next pending one is due, if any."""
+        now = time.time() if now is None else now
+        blocked_runs: set[int] = set()
+        next_due: float | None = None
+        for item in self.store.pending_outbox(limit=200):
+            if item.run_id is not None and item.run_id in blocked_runs:
+                continue
+            if item.next_attempt > now:
+                if item.run_id is not None:
+                    blocked_runs.add(item.run_id)
+                next_due = item.next_attempt if next_due is None else min(next_due, item.next_attempt)
+                continue
+            try:
+                self._deliver(item)
+            except ForgeError as exc:
+                if exc.status in PERMANENT_STATUSES:
+                    log.error("outbox %s (%s) refused by the forge, giving up: %s", item.id, item.kind, exc)
+                    self.store.mark_delivered(item.id, payload=item.payload)
+                    continue
+                delay = min(MAX_BACKOFF, self.base_backoff * 2**item.attempts) * random.uniform(0.8, 1.2)
+                log.warning("outbox %s (%s) failed, retrying in %.1fs: %s", item.id, item.kind, delay, exc)
+                self.store.mark_failed(item.id, str(exc), now + delay)
+                if item.run_id is not None:
+                    blocked_runs.add(item.run_id)
+                next_due = now + delay if next_due is None else min(next_due, now + delay)
+                continue
+            # A coalesced write replaced while in flight stays pending and goes out next pass.
+            if not self.store.mark_delivered(item.id, payload=item.payload):
+                next_due = now
+        return next_due
+
+    def _deliver(self, item: OutboxItem) -> None:
+        p = item.payload
+        if item.kind == "reaction":
+            self.forge.add_reaction(p["owner"], p["repo"], p["comment_id"], p["content"])
+        elif item.kind == "comment":
+            self.forge.create_comment(p["owner"], p["repo"], p["pr"], p["body"])
+        elif item.kind == "status":
+            self.forge.set_status(
+                p["owner"],
+                p["repo"],
+                p["sha"],
+                state=p["state"],
+                description=p["description"],
+                target_url=p.get("target_url", ""),
+                context=p["context"],
+            )
+        elif item.kind == "run_comment":
+            self._deliver_run_comment(item.run_id, p)
+        else:
+            raise ValueError(f"unknown outbox kind {item.kind!r}")
+
+    def _deliver_run_comment(self, run_id: int | None, p: dict[str, Any]) -> None:
+        """Create the run's status comment the first time, edit it in place afterwards."""
+        run = self.store.get_run(run_id) if run_id is not None else None
+        if run is None:
+            raise ValueError(f"run_comment for unknown run {run_id}")
+        comment_id = run.status_comment
+        if comment_id is None:
+            # A crash between creating the comment and recording its id must not make a
+            # second comment: look for our hidden marker first.
+            comment_id = self._find_marked_comment(run.owner, run.repo, run.pr, p["marker"])
+        if comment_id is None:
+            comment_id = self.forge.create_comment(run.owner, run.repo, run.pr, p["body"])
+        else:
+            self.forge.edit_comment(run.owner, run.repo, comment_id, p["body"])
+        if run.status_comment != comment_id:
+            self.store.update_run(run.id, status_comment=comment_id)
+
+    def _find_marked_comment(self, owner: str, repo: str, pr: int, marker: str) -> int | None:
+        list_comments = getattr(self.forge, "list_comments", None)
+        if list_comments is None:
+            return None
+        for comment in list_comments(owner, repo, pr):
+            if marker in comment.get("body", ""):
+                return int(comment["id"])
+        return None

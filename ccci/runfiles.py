@@ -1,0 +1,71 @@
+"""A run's own directory: what the harness writes and the web and worker read.
+
+STATE_DIR/runs/<id>/
+├── log            every step's output as it comes, redacted, prefixed by step name
+├── events.jsonl   one JSON event a line: queued, started, finished (live progress)
+├── report.json    the final typed report, written once, atomically
+└── abra/          the run's ABRA_DIR sandbox (see harness.sandbox), gone after teardown
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+LOG_PAGE = 1 << 20
+
+
+class RunFiles:
+    """The files of one run; safe to read while the run is writing them."""
+
+    def __init__(self, runs_dir: Path, run_id: int | str):
+        self.dir = Path(runs_dir) / str(run_id)
+        self.log = self.dir / "log"
+        self.events = self.dir / "events.jsonl"
+        self.report = self.dir / "report.json"
+
+    def create(self) -> None:
+        """Make the directory."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def write_report(self, report: dict[str, Any]) -> None:
+        """Write the report atomically: readers see the old file or the whole new one."""
+        tmp = self.report.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, self.report)
+
+    def read_report(self) -> dict[str, Any] | None:
+        """Return the report, or None before it exists."""
+        try:
+            return json.loads(self.report.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def append_event(self, event: dict[str, Any]) -> None:
+        """Append one progress event."""
+        with self.events.open("a") as f:
+            f.write(json.dumps(event) + "\n")
+
+    def read_events(self) -> list[dict[str, Any]]:
+        """Return every complete event written so far."""
+        try:
+            text = self.events.read_text()
+        except FileNotFoundError:
+            return []
+        events = []
+        for line in text.splitlines(keepends=True):
+            if line.endswith("\n"):  # a line being written is read next time
+                events.append(json.loads(line))
+        return events
+
+    def read_log(self, offset: int = 0, limit: int = LOG_PAGE) -> tuple[str, int]:
+        """Return up to ``limit`` bytes of log from ``offset`` and the offset after them."""
+        try:
+            with self.log.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read(limit)
+        except FileNotFoundError:
+            return "", offset
+        return chunk.decode("utf-8", "replace"), offset + len(chunk)

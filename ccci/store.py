@@ -1,0 +1,433 @@
+"""Durable state in SQLite (WAL): runs, comment claims, refusals and the outbox of forge writes.
+
+The store is the only state shared by the web processes, the worker and the run processes of
+one host. Each method is one short transaction; ``BEGIN IMMEDIATE`` takes the write lock up
+front so concurrent writers queue on SQLite's busy timeout instead of failing half-way.
+
+A Run is one accepted ``!testme``: it moves queued → running → one final state, exactly once.
+A claim ties a forge comment to the run it made, so a comment can never make a second run.
+An outbox row is one forge write waiting to be delivered; rows of one run go out in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+FINAL_STATES = ("passed", "failed", "error", "canceled", "timed_out")
+ACTIVE_STATES = ("queued", "running")
+# "refused" is not a run people see: an unauthorized request, kept so its claim stays taken.
+STATES = ACTIVE_STATES + FINAL_STATES + ("refused",)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    state           TEXT NOT NULL DEFAULT 'queued',
+    owner           TEXT NOT NULL,
+    repo            TEXT NOT NULL,
+    pr              INTEGER NOT NULL,
+    recipe          TEXT NOT NULL,
+    requester       TEXT NOT NULL,
+    comment_id      INTEGER,
+    clone_url       TEXT NOT NULL DEFAULT '',
+    sha             TEXT,
+    authorized      INTEGER NOT NULL DEFAULT 0,
+    admitted        INTEGER NOT NULL DEFAULT 0,
+    status_comment  INTEGER,
+    worker_pid      INTEGER,
+    dispatch_ref    TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    canceled_by     TEXT,
+    superseded_by   INTEGER,
+    note            TEXT NOT NULL DEFAULT '',
+    report          TEXT,
+    created_at      REAL NOT NULL,
+    started_at      REAL,
+    finished_at     REAL
+);
+CREATE INDEX IF NOT EXISTS runs_state ON runs (state, id);
+CREATE INDEX IF NOT EXISTS runs_pr ON runs (owner, repo, pr, id);
+
+CREATE TABLE IF NOT EXISTS claims (
+    repo        TEXT NOT NULL,
+    comment_id  INTEGER NOT NULL,
+    run_id      INTEGER,
+    action      TEXT NOT NULL,
+    claimed_at  REAL NOT NULL,
+    PRIMARY KEY (repo, comment_id)
+);
+
+CREATE TABLE IF NOT EXISTS refusals (
+    repo  TEXT NOT NULL,
+    pr    INTEGER NOT NULL,
+    login TEXT NOT NULL,
+    at    REAL NOT NULL,
+    PRIMARY KEY (repo, pr, login)
+);
+
+CREATE TABLE IF NOT EXISTS cancel_requests (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner       TEXT NOT NULL,
+    repo        TEXT NOT NULL,
+    pr          INTEGER NOT NULL,
+    login       TEXT NOT NULL,
+    comment_id  INTEGER,
+    at          REAL NOT NULL,
+    handled_at  REAL
+);
+
+CREATE TABLE IF NOT EXISTS outbox (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id        INTEGER,
+    kind          TEXT NOT NULL,
+    coalesce_key  TEXT,
+    payload       TEXT NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    next_attempt  REAL NOT NULL,
+    last_error    TEXT NOT NULL DEFAULT '',
+    created_at    REAL NOT NULL,
+    done_at       REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (done_at, next_attempt, id);
+"""
+
+
+@dataclass
+class Run:
+    """One accepted ``!testme``: what is tested (repo, PR, pinned sha, recipe) and how it went."""
+
+    id: int
+    state: str
+    owner: str
+    repo: str
+    pr: int
+    recipe: str
+    requester: str
+    comment_id: int | None
+    clone_url: str
+    sha: str | None
+    authorized: int
+    admitted: int
+    status_comment: int | None
+    worker_pid: int | None
+    dispatch_ref: str | None
+    cancel_requested: int
+    canceled_by: str | None
+    superseded_by: int | None
+    note: str
+    report: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+    @property
+    def full_name(self) -> str:
+        """Return ``owner/repo``."""
+        return f"{self.owner}/{self.repo}"
+
+    @property
+    def finished(self) -> bool:
+        """Tell whether the run reached a final state."""
+        return self.state in FINAL_STATES or self.state == "refused"
+
+    def report_dict(self) -> dict[str, Any] | None:
+        """Return the stored report, parsed."""
+        return json.loads(self.report) if self.report else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the run as plain JSON-ready data (the report parsed)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["report"] = self.report_dict()
+        return data
+
+
+@dataclass
+class OutboxItem:
+    """One forge write waiting to be delivered."""
+
+    id: int
+    run_id: int | None
+    kind: str
+    coalesce_key: str | None
+    payload: dict[str, Any]
+    attempts: int
+    next_attempt: float
+    last_error: str
+
+
+class Store:
+    """The SQLite database of one ccci host; safe across processes and threads."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        # executescript manages its own transaction; CREATE ... IF NOT EXISTS makes it idempotent.
+        self._connection().executescript(SCHEMA)
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        # One connection per thread and per process: gunicorn forks after import, and a
+        # connection must never cross a fork.
+        conn = getattr(self._local, "conn", None)
+        if conn is None or self._local.pid != os.getpid():
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn, self._local.pid = conn, os.getpid()
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- runs --------------------------------------------------------------------------------
+
+    def claim_comment(
+        self,
+        *,
+        owner: str,
+        repo: str,
+        comment_id: int,
+        action: str,
+        run: dict[str, Any] | None = None,
+    ) -> tuple[bool, Run | None]:
+        """Claim a comment atomically; with ``run``, create its run in the same transaction.
+
+        Returns (claimed, run). ``claimed`` is False when the comment was claimed before: a
+        redelivery or a concurrent duplicate, which must change nothing.
+        """
+        full_name = f"{owner}/{repo}"
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO claims (repo, comment_id, action, claimed_at) VALUES (?, ?, ?, ?)",
+                (full_name, comment_id, action, now),
+            )
+            if cur.rowcount == 0:
+                row = db.execute(
+                    "SELECT runs.* FROM claims LEFT JOIN runs ON runs.id = claims.run_id "
+                    "WHERE claims.repo = ? AND claims.comment_id = ?",
+                    (full_name, comment_id),
+                ).fetchone()
+                return False, (_run(row) if row and row["id"] is not None else None)
+            if run is None:
+                return True, None
+            cols = {"owner": owner, "repo": repo, "comment_id": comment_id, "created_at": now, **run}
+            run_id = db.execute(
+                f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                tuple(cols.values()),
+            ).lastrowid
+            db.execute(
+                "UPDATE claims SET run_id = ? WHERE repo = ? AND comment_id = ?",
+                (run_id, full_name, comment_id),
+            )
+            return True, _run(db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone())
+
+    def get_run(self, run_id: int) -> Run | None:
+        """Return one run, or None."""
+        row = self._connection().execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return _run(row) if row else None
+
+    def list_runs(
+        self,
+        *,
+        states: tuple[str, ...] | None = None,
+        recipe: str | None = None,
+        owner: str | None = None,
+        repo: str | None = None,
+        pr: int | None = None,
+        limit: int = 100,
+    ) -> list[Run]:
+        """List runs, newest first, filtered; refused requests only when asked for by state."""
+        where, args = [], []
+        if states:
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            args += list(states)
+        else:
+            where.append("state != 'refused'")
+        for column, value in (("recipe", recipe), ("owner", owner), ("repo", repo), ("pr", pr)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        sql = f"SELECT * FROM runs WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?"
+        return [_run(r) for r in self._connection().execute(sql, (*args, limit)).fetchall()]
+
+    def update_run(
+        self, run_id: int, *, only_if_state: tuple[str, ...] | None = None, **changes: Any
+    ) -> bool:
+        """Change columns of a run; with ``only_if_state``, only from one of those states."""
+        if "report" in changes and isinstance(changes["report"], dict):
+            changes["report"] = json.dumps(changes["report"])
+        sets = ", ".join(f"{k} = ?" for k in changes)
+        sql = f"UPDATE runs SET {sets} WHERE id = ?"
+        args: list[Any] = [*changes.values(), run_id]
+        if only_if_state:
+            sql += f" AND state IN ({', '.join('?' * len(only_if_state))})"
+            args += list(only_if_state)
+        with self._tx() as db:
+            return db.execute(sql, args).rowcount == 1
+
+    def queue_position(self, run_id: int) -> int:
+        """Return how many admitted queued runs are ahead of this one (0: next to start)."""
+        row = (
+            self._connection()
+            .execute(
+                "SELECT COUNT(*) FROM runs WHERE state = 'queued' AND admitted = 1 AND id < ?", (run_id,)
+            )
+            .fetchone()
+        )
+        return int(row[0])
+
+    def note_refusal(self, *, repo: str, pr: int, login: str) -> bool:
+        """Record that ``login`` was refused on this PR; True only the first time."""
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO refusals (repo, pr, login, at) VALUES (?, ?, ?, ?)",
+                (repo, pr, login.lower(), time.time()),
+            )
+            return cur.rowcount == 1
+
+    def count_recent_runs(self, requester: str, since: float) -> int:
+        """Count the runs a user started since a time."""
+        row = (
+            self._connection()
+            .execute(
+                "SELECT COUNT(*) FROM runs WHERE requester = ? AND created_at >= ? AND state != 'refused'",
+                (requester, since),
+            )
+            .fetchone()
+        )
+        return int(row[0])
+
+    def request_cancel_by_comment(
+        self, *, owner: str, repo: str, pr: int, login: str, comment_id: int
+    ) -> None:
+        """Record a ``!testme cancel``; the worker decides whether ``login`` may cancel."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO cancel_requests (owner, repo, pr, login, comment_id, at) VALUES (?, ?, ?, ?, ?, ?)",
+                (owner, repo, pr, login, comment_id, time.time()),
+            )
+
+    def pending_cancel_requests(self) -> list[dict[str, Any]]:
+        """Return the ``!testme cancel`` requests not yet handled, oldest first."""
+        rows = (
+            self._connection()
+            .execute("SELECT * FROM cancel_requests WHERE handled_at IS NULL ORDER BY id")
+            .fetchall()
+        )
+        return [dict(r) for r in rows]
+
+    def mark_cancel_request_handled(self, request_id: int) -> None:
+        """Mark a ``!testme cancel`` request as handled."""
+        with self._tx() as db:
+            db.execute("UPDATE cancel_requests SET handled_at = ? WHERE id = ?", (time.time(), request_id))
+
+    # -- outbox ------------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        kind: str,
+        payload: dict[str, Any],
+        *,
+        run_id: int | None = None,
+        coalesce_key: str | None = None,
+    ) -> int:
+        """Add a forge write to the outbox; a pending write with the same coalesce key is replaced."""
+        now = time.time()
+        body = json.dumps(payload)
+        with self._tx() as db:
+            if coalesce_key:
+                row = db.execute(
+                    "SELECT id FROM outbox WHERE coalesce_key = ? AND done_at IS NULL ORDER BY id DESC LIMIT 1",
+                    (coalesce_key,),
+                ).fetchone()
+                if row:
+                    db.execute("UPDATE outbox SET payload = ? WHERE id = ?", (body, row["id"]))
+                    return int(row["id"])
+            return int(
+                db.execute(
+                    "INSERT INTO outbox (run_id, kind, coalesce_key, payload, next_attempt, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (run_id, kind, coalesce_key, body, now, now),
+                ).lastrowid
+            )
+
+    def pending_outbox(self, limit: int = 50) -> list[OutboxItem]:
+        """Return undelivered writes in order (including those not yet due)."""
+        rows = (
+            self._connection()
+            .execute("SELECT * FROM outbox WHERE done_at IS NULL ORDER BY id LIMIT ?", (limit,))
+            .fetchall()
+        )
+        return [
+            OutboxItem(
+                id=r["id"],
+                run_id=r["run_id"],
+                kind=r["kind"],
+                coalesce_key=r["coalesce_key"],
+                payload=json.loads(r["payload"]),
+                attempts=r["attempts"],
+                next_attempt=r["next_attempt"],
+                last_error=r["last_error"],
+            )
+            for r in rows
+        ]
+
+    def mark_delivered(self, item_id: int, *, payload: dict[str, Any] | None = None) -> bool:
+        """Mark an outbox write as delivered, unless its payload was replaced meanwhile."""
+        sql, args = "UPDATE outbox SET done_at = ? WHERE id = ?", [time.time(), item_id]
+        if payload is not None:
+            sql += " AND payload = ?"
+            args.append(json.dumps(payload))
+        with self._tx() as db:
+            return db.execute(sql, args).rowcount == 1
+
+    def mark_failed(self, item_id: int, error: str, next_attempt: float) -> None:
+        """Record a failed delivery and when to try again."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_attempt = ? WHERE id = ?",
+                (error[:500], next_attempt, item_id),
+            )
+
+    def outbox_backlog(self) -> int:
+        """Count undelivered writes."""
+        return int(
+            self._connection().execute("SELECT COUNT(*) FROM outbox WHERE done_at IS NULL").fetchone()[0]
+        )
+
+    def state_counts(self) -> dict[str, int]:
+        """Count runs by state."""
+        rows = self._connection().execute("SELECT state, COUNT(*) AS n FROM runs GROUP BY state").fetchall()
+        return {r["state"]: r["n"] for r in rows}
+
+
+def _run(row: sqlite3.Row) -> Run:
+    return Run(**{f.name: row[f.name] for f in fields(Run)})

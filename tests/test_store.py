@@ -1,0 +1,91 @@
+"""The store: atomic comment claims across processes, run state changes, the outbox."""
+
+import subprocess
+import sys
+import textwrap
+
+from ccci.store import Store
+
+CLAIMER = textwrap.dedent(
+    """
+    import sys
+    from ccci.store import Store
+    store = Store(sys.argv[1])
+    sys.stdin.readline()  # start together
+    claimed, run = store.claim_comment(owner="o", repo="r", comment_id=7, action="test",
+                                       run={"pr": 1, "recipe": "r", "requester": "alice"})
+    print("claimed" if claimed else "duplicate", run.id if run else "-")
+    """
+)
+
+
+def test_concurrent_claims_from_many_processes_make_one_run(tmp_path):
+    db = tmp_path / "ccci.db"
+    Store(db)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIMER, str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(8)
+    ]
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outputs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        outputs.append(out.split())
+    assert sorted(o[0] for o in outputs) == ["claimed"] + ["duplicate"] * 7
+    run_ids = {o[1] for o in outputs}
+    assert len(run_ids) == 1  # every duplicate sees the one run the claim made
+    assert len(Store(db).list_runs()) == 1
+
+
+def test_update_only_from_given_states(tmp_path):
+    store = Store(tmp_path / "db")
+    _, run = store.claim_comment(
+        owner="o", repo="r", comment_id=1, action="test", run={"pr": 1, "recipe": "r", "requester": "u"}
+    )
+    assert store.update_run(run.id, only_if_state=("queued",), state="running")
+    assert not store.update_run(run.id, only_if_state=("queued",), state="running")
+    assert store.update_run(run.id, only_if_state=("running",), state="passed", report={"status": "passed"})
+    assert store.get_run(run.id).report_dict() == {"status": "passed"}
+    assert not store.update_run(run.id, only_if_state=("queued", "running"), state="failed")
+
+
+def test_refusal_is_noted_once_per_user_and_pr(tmp_path):
+    store = Store(tmp_path / "db")
+    assert store.note_refusal(repo="o/r", pr=1, login="Mallory")
+    assert not store.note_refusal(repo="o/r", pr=1, login="mallory")
+    assert store.note_refusal(repo="o/r", pr=2, login="mallory")
+
+
+def test_outbox_coalesces_pending_writes_and_keeps_order(tmp_path):
+    store = Store(tmp_path / "db")
+    a = store.enqueue("run_comment", {"body": "queued"}, run_id=1, coalesce_key="run_comment:1")
+    b = store.enqueue("status", {"state": "pending"}, run_id=1)
+    c = store.enqueue("run_comment", {"body": "running"}, run_id=1, coalesce_key="run_comment:1")
+    assert a == c  # replaced in place: still ahead of the status
+    items = store.pending_outbox()
+    assert [(i.id, i.payload) for i in items] == [(a, {"body": "running"}), (b, {"state": "pending"})]
+    # A write replaced while in flight is not marked delivered with the old payload.
+    assert not store.mark_delivered(a, payload={"body": "queued"})
+    assert store.mark_delivered(a, payload={"body": "running"})
+    assert store.outbox_backlog() == 1
+
+
+def test_queue_position_counts_admitted_runs_ahead(tmp_path):
+    store = Store(tmp_path / "db")
+    ids = []
+    for n in range(3):
+        _, run = store.claim_comment(
+            owner="o",
+            repo="r",
+            comment_id=n,
+            action="test",
+            run={"pr": n, "recipe": "r", "requester": "u", "admitted": 1},
+        )
+        ids.append(run.id)
+    assert [store.queue_position(i) for i in ids] == [0, 1, 2]
+    store.update_run(ids[0], state="running")
+    assert store.queue_position(ids[2]) == 1
