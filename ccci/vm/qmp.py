@@ -74,7 +74,7 @@ class Qmp:
     def _read(self) -> dict:
         try:
             line = self.file.readline()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: the socket was closed under us
             raise QmpError(f"{self.name}: QMP read: {exc}") from None
         if not line:
             raise QmpError(f"{self.name}: QEMU closed its monitor")
