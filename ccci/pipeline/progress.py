@@ -1,0 +1,81 @@
+"""Live progress on a terminal: a line per step start and finish, fed by the scheduler's events.
+
+    12:03:01  ▶ deploy
+    12:03:02  ✅ deploy            passed      1.2 s
+    12:03:02  ▶ checkout
+    12:03:02  ⏭️ smoke             skipped
+
+``StepBoard`` folds events into each step's current state (also what ``render_progress`` needs
+for the running comment); ``TerminalProgress`` prints them. With ``show_output`` (or when the
+stream is a TTY and ``show_output`` is None) step output lines are echoed, indented.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import TextIO
+
+from .render import EMOJI, duration
+from .scheduler import Event
+
+
+class StepBoard:
+    """The live state of every step of a run, as events report it: (name, status, duration_ms)."""
+
+    def __init__(self) -> None:
+        self._steps: dict[str, tuple[str, int | None]] = {}
+        self._lock = threading.Lock()
+
+    def update(self, event: Event) -> None:
+        """Fold one event into the board."""
+        with self._lock:
+            if event.kind == "queued":
+                self._steps[event.step] = ("queued", None)
+            elif event.kind == "started":
+                self._steps[event.step] = ("running", None)
+            elif event.kind == "finished":
+                self._steps[event.step] = (event.status or "error", event.duration_ms)
+
+    def rows(self) -> list[tuple[str, str, int | None]]:
+        """Return (name, status, duration_ms) per step, in the order the steps were queued."""
+        with self._lock:
+            return [(name, status, ms) for name, (status, ms) in self._steps.items()]
+
+
+class TerminalProgress:
+    """Prints a run's events to a terminal stream; pass an instance as ``on_event``."""
+
+    def __init__(self, stream: TextIO | None = None, *, show_output: bool | None = None):
+        self.stream = stream or sys.stderr
+        tty = getattr(self.stream, "isatty", lambda: False)()
+        self.show_output = tty if show_output is None else show_output
+        self.board = StepBoard()
+        self._width = 20
+
+    def __call__(self, event: Event) -> None:
+        """Print one event."""
+        self.board.update(event)
+        self._width = max(self._width, len(event.step) + 2)
+        stamp = time.strftime("%H:%M:%S", time.localtime(event.at))
+        if event.kind == "started":
+            self._print(f"{stamp}  ▶ {event.step}")
+        elif event.kind == "finished":
+            status = event.status or "error"
+            code = "" if event.exit_code in (None, 0) else f"  exit {event.exit_code}"
+            took = duration(event.duration_ms) if event.duration_ms else ""
+            self._print(f"{stamp}  {EMOJI.get(status, '?')} {event.step:<{self._width}}{status:<11} {took}{code}")
+        elif event.kind == "output" and self.show_output:
+            self._print(f"          {event.step} │ {event.text}")
+
+    def summary(self, report) -> None:
+        """Print the final verdict line of ``report``."""
+        self._print(
+            f"{EMOJI[report.status]} {report.recipe}: {report.status.replace('_', ' ')} "
+            f"in {duration(report.total_ms)} ({sum(s.status == 'passed' for s in report.steps)}"
+            f"/{len(report.steps)} steps passed)"
+        )
+
+    def _print(self, line: str) -> None:
+        print(line.rstrip(), file=self.stream, flush=True)
