@@ -23,9 +23,7 @@ class Redactor:
         # One alternation, longest first: the regex engine tries alternatives in order, so at
         # any position the longest matching secret wins.
         self._text = re.compile("|".join(re.escape(s) for s in self.secrets)) if self.secrets else None
-        self._bytes = (
-            re.compile(b"|".join(re.escape(s.encode()) for s in self.secrets)) if self.secrets else None
-        )
+        self._bytes = re.compile(b"|".join(re.escape(s.encode()) for s in self.secrets)) if self.secrets else None
 
     def __call__(self, text: str) -> str:
         """Return ``text`` with every secret replaced by the marker."""

@@ -251,9 +251,7 @@ class _Scheduler:
         line = self._line_sink(rec.step.name)
         rec.stdout = StreamBuffer(limit, metrics=True, on_line=line and (lambda t: line("stdout", t)))
         rec.stderr = StreamBuffer(limit, on_line=line and (lambda t: line("stderr", t)))
-        thread = threading.Thread(
-            target=self._work, args=(rec,), name=f"ccci-step-{rec.step.name}", daemon=True
-        )
+        thread = threading.Thread(target=self._work, args=(rec,), name=f"ccci-step-{rec.step.name}", daemon=True)
         self.threads.append(thread)
         thread.start()
 
@@ -276,9 +274,7 @@ class _Scheduler:
                 machine = owned = self._fork(rec)
             env = {**self.step_envs[step.name], **self.env, "CCCI_STEP": step.name}
             sinks = {"stdout": rec.stdout, "stderr": rec.stderr}
-            request = ExecRequest(
-                step.run, env, step.timeout, lambda s, chunk: sinks[s].write(chunk), rec.cancel
-            )
+            request = ExecRequest(step.run, env, step.timeout, lambda s, chunk: sinks[s].write(chunk), rec.cancel)
             result = machine.exec(request)
             rec.infra_retries += result.infra_retries
             code = result.exit_code

@@ -109,9 +109,7 @@ class Pipeline:
         """Return the step called ``name``."""
         return next(s for s in self.steps if s.name == name)
 
-    def resolve_env(
-        self, host_env: Mapping[str, str] | None = None
-    ) -> tuple[dict[str, dict[str, str]], list[str]]:
+    def resolve_env(self, host_env: Mapping[str, str] | None = None) -> tuple[dict[str, dict[str, str]], list[str]]:
         """Resolve every step's own environment (pipeline env < step env) and collect secret values."""
         host_env = os.environ if host_env is None else host_env
         secrets: list[str] = []
