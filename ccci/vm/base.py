@@ -170,8 +170,10 @@ def ignore_shared(vm: Vm, on: bool) -> None:
 
 def overlay(backing: Path, path: Path) -> None:
     """Create a qcow2 overlay at ``path`` whose reads fall through to ``backing``."""
+    # The backing path is stored in the overlay: resolve it, so that no symlink it was reached
+    # through can later strand the overlay.
     done = subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "qcow2", str(path)],
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing.resolve()), "-F", "qcow2", str(path)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if done.returncode != 0:

@@ -79,7 +79,7 @@ def find_image(name: str, state_dir: Path) -> ImageInfo | None:
         meta = json.loads((images_dir(state_dir) / digest / "image.json").read_text())
     except (OSError, ValueError, KeyError):
         return None
-    info = ImageInfo(name, digest, images_dir(state_dir) / digest, meta["kernel_package"])
+    info = ImageInfo(name, digest, (images_dir(state_dir) / digest).resolve(), meta["kernel_package"])
     return info if all(p.exists() for p in (info.kernel, info.initrd, info.disk)) else None
 
 
