@@ -1,6 +1,10 @@
 """The `!testme` grammar, row by row: commands, replies and everything that must not trigger."""
 
+import re
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ccci.intake.grammar import Command, Ignore, Reply, command_lines, parse_comment, usage
 
@@ -134,3 +138,39 @@ def test_usage_names_both_forms():
 def test_command_lines_drops_code_quotes_and_comments():
     body = "a\n> b\n```\nc\n```\n<!--\nd\n-->\n    e\nf"
     assert command_lines(body) == ["a", "f"]
+
+
+# -- properties over arbitrary comments ------------------------------------------------------------
+
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=300)
+TRIGGERISH = st.lists(
+    st.sampled_from(["!testme", "!testme cancel", "!TESTME", "!testme foo", "```", "~~~", "> ", "<!--", "-->", "\r\n"])
+    | TEXT,
+    max_size=12,
+).map("\n".join)
+
+
+def _lines(body):
+    return body.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+@settings(max_examples=300, deadline=None)
+@given(TRIGGERISH)
+def test_never_raises_and_returns_one_outcome(body):
+    assert isinstance(parse_comment(body), (Ignore, Reply, Command))
+
+
+@settings(max_examples=300, deadline=None)
+@given(TRIGGERISH)
+def test_quoting_a_whole_comment_silences_it(body):
+    quoted = "\n".join("> " + line for line in _lines(body))
+    assert parse_comment(quoted) == Ignore()
+    assert parse_comment(quoted + "\n!testme") == Command("test")
+
+
+@settings(max_examples=300, deadline=None)
+@given(TRIGGERISH)
+def test_fencing_a_whole_comment_silences_it(body):
+    longest = max((len(run) for run in re.findall(r"`+", body)), default=0)
+    fence = "`" * max(3, longest + 1)
+    assert parse_comment(f"{fence}\n{body}\n{fence}") == Ignore()
