@@ -71,9 +71,7 @@ def parse_event(
     comment_id = _positive(comment, "comment.id")
     body = _field(comment, "body", str, "comment.body")
     author = _field(_field(comment, "user", Mapping, "comment.user"), "login", str, "comment.user.login")
-    owner = _field(
-        _field(repository, "owner", Mapping, "repository.owner"), "login", str, "repository.owner.login"
-    )
+    owner = _field(_field(repository, "owner", Mapping, "repository.owner"), "login", str, "repository.owner.login")
     repo = _field(repository, "name", str, "repository.name")
     full_name = _field(repository, "full_name", str, "repository.full_name")
     clone_url = _field(repository, "clone_url", str, "repository.clone_url")

@@ -92,9 +92,7 @@ def test_empty_login_is_never_allowed():
 
 def test_generators_are_accepted():
     check = Members(members=[("o", "bob")])
-    assert authorize(
-        "bob", allowed_users=iter(()), allowed_orgs=(o for o in ["o"]), is_org_member=check
-    ).allowed
+    assert authorize("bob", allowed_users=iter(()), allowed_orgs=(o for o in ["o"]), is_org_member=check).allowed
 
 
 def test_refusal_text():
