@@ -90,6 +90,40 @@ class Helper:
                 self.pool.record(int(line.split()[1]))
 
 
+def wait_gone(pid: int, started: int | None, timeout: float = TIMEOUT) -> None:
+    """Wait until the process ``pid`` (not necessarily our child) has exited."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if process_start_time(pid) != started:
+            return  # already gone (zombie or reused pid): the pidfd names someone else
+        ready, _, _ = select.select([fd], [], [], timeout)  # readable once the process exits
+        assert ready, f"process {pid} still runs after {timeout}s"
+    finally:
+        os.close(fd)
+
+
+def expect_any(candidates: list[Helper], prefix: str, timeout: float = TIMEOUT) -> Helper:
+    """Return the first of ``candidates`` to print a line starting with ``prefix``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for helper in candidates:
+            if any(line.startswith(prefix) for line in helper.lines):
+                helper.expect(prefix)
+                return helper
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"none of {[h.pid for h in candidates]} printed {prefix!r}")
+        fds = {h.popen.stdout.fileno(): h for h in candidates if not h._eof}
+        if not fds:
+            raise AssertionError(f"all of {[h.pid for h in candidates]} ended without {prefix!r}")
+        ready, _, _ = select.select(list(fds), [], [], remaining)
+        for fd in ready:
+            fds[fd]._read(0)
+
+
 class HelperPool:
     """Starts helpers and kills every one of them (and recorded grandchildren) at the end."""
 

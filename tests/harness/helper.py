@@ -68,9 +68,7 @@ def cmd_guard(args: argparse.Namespace) -> int:
 
 
 def cmd_spawn_guarded(args: argparse.Namespace) -> int:
-    child = subprocess.Popen(
-        [sys.executable, __file__, "guard", "--parent-pid", str(os.getpid()), *args.rest]
-    )
+    child = subprocess.Popen([sys.executable, __file__, "guard", "--parent-pid", str(os.getpid()), *args.rest])
     say("child", child.pid)
     say("spawned")
     child.wait()
@@ -90,15 +88,15 @@ def reap_logger(path: str | None, gate: bool):
 
 
 def cmd_hold_lock(args: argparse.Namespace) -> int:
-    from ccci.harness.applock import AppBusy, acquire_app_lock
+    from ccci.harness.applock import AppBusy, LockHolder, acquire_app_lock
 
     guard = install_guard(3600) if args.guard else None
+    holder = LockHolder.for_this_process(run_id=args.run, recipe="demo", app_domain=args.domain)
     try:
         lock = acquire_app_lock(
             Path(args.dir),
             args.domain,
-            run_id=args.run,
-            recipe="demo",
+            holder,
             wait=args.wait,
             reap=reap_logger(args.reap_log, False),
             on_wait=lambda holder: say("waiting", holder.run_id if holder else "unknown"),

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import signal
 
-from ccci.harness.lifetime import process_alive, process_start_time
+from conftest import wait_gone
+
+from ccci.harness.lifetime import process_start_time
 
 
 def test_sigterm_runs_the_finally_block_and_exits_143(helpers, tmp_path):
@@ -98,7 +100,7 @@ def test_the_parents_death_reaches_the_child_and_its_teardown_runs(helpers, tmp_
     parent.expect("teardown-done canceled")
     parent.read_all()  # EOF: the grandchild has exited too
     assert marker.read_text() == "teardown done: canceled SIGTERM"
-    assert not process_alive(child, child_started)
+    wait_gone(child, child_started)
 
 
 def test_a_parent_dead_before_the_guard_is_installed_is_caught_by_the_recheck(helpers, tmp_path):
