@@ -171,9 +171,7 @@ class Agent:
             try:
                 reply, *rest = events.get(timeout=timeout)
             except queue.Empty:
-                raise AgentLost(
-                    f"{self.name}: no answer from the agent in {timeout:.0f}s", started=False
-                ) from None
+                raise AgentLost(f"{self.name}: no answer from the agent in {timeout:.0f}s", started=False) from None
             if reply != ACK:
                 raise AgentLost(f"{self.name}: {rest[0] if rest else 'unexpected reply'}", started=False)
         finally:

@@ -84,8 +84,7 @@ class QemuExecutor:
             info = find_image(name, self.state_dir)
             if info is None:
                 raise PermanentInfraError(
-                    f"guest image {name!r} is not built in {self.state_dir}; "
-                    f"run: python -m ccci image build {name}"
+                    f"guest image {name!r} is not built in {self.state_dir}; run: python -m ccci image build {name}"
                 )
             layout = Layout(info, self.accel, self.memory_mb)
             base = self._retrying(lambda: warm_base(layout, self.setup, self.state_dir, self.log))[0]
@@ -153,9 +152,7 @@ class QemuMachine:
         claim(self.dir)
         self._pin = self.source.pin()
         overlay(self.source.disk, self.dir / "disk.qcow2")
-        argv = self.source.layout.argv(
-            self.source.mem, shared=False, disk=self.dir / "disk.qcow2", incoming=True
-        )
+        argv = self.source.layout.argv(self.source.mem, shared=False, disk=self.dir / "disk.qcow2", incoming=True)
         self.vm = Vm(self.name, argv, self.log_path)
         try:
             restore(self.vm, self.source.state, device_only=True)
@@ -215,9 +212,7 @@ class QemuMachine:
             stdin=buf.getvalue(), on_output=lambda _s, chunk: errors.append(chunk), timeout=READY_TIMEOUT,
         )  # fmt: skip
         if outcome.status != 0:
-            raise TransientInfraError(
-                f"{self.name}: copying the workspace in failed: {b''.join(errors)[-500:]!r}"
-            )
+            raise TransientInfraError(f"{self.name}: copying the workspace in failed: {b''.join(errors)[-500:]!r}")
 
     def copy_out(self, guest_dir: str, host_dir: Path) -> None:
         """Copy the guest directory ``guest_dir`` (results, reports) into ``host_dir``."""
@@ -252,9 +247,7 @@ class QemuMachine:
             if self._closed or self.vm is None:
                 raise PermanentInfraError(f"{self.name} is closed")
             if self._active:
-                raise RuntimeError(
-                    f"{self.name}: a checkpoint needs an idle machine ({self._active} running)"
-                )
+                raise RuntimeError(f"{self.name}: a checkpoint needs an idle machine ({self._active} running)")
             self._active += 1  # no exec may start while the state is being saved
         directory = vm_dir(self.executor.state_dir) / new_tag("ckpt")
         try:
