@@ -120,7 +120,7 @@ class HeldLock:
         if fd is None:
             return
         try:
-            _unlink_if_current(fd, self.path)
+            unlink_if_current(fd, self.path)
         finally:
             os.close(fd)
 
@@ -160,14 +160,14 @@ def acquire_app_lock(
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            if _try_lock(fd):
-                if not _is_current(fd, path):
+            if try_flock(fd):
+                if not fd_is_current(fd, path):
                     continue  # woke on a removed inode: the fresh file is the lock now
                 previous = _read_holder(fd, app_domain)
                 if previous is not None:
                     log.warning("run %s died holding %s; reaping its app", previous.run_id, app_domain)
                     reap(previous)
-                    _unlink_if_current(fd, path)
+                    unlink_if_current(fd, path)
                     continue  # take a fresh file, never one that still names the dead run
                 mine = replace(holder, started_at=time.time())
                 _write_holder(fd, mine)
@@ -210,9 +210,9 @@ def probe_and_reap(lock_dir: Path, reap: Reap, *, app_domain: str | None = None)
         except FileNotFoundError:
             continue  # released or reaped since the listing
         try:
-            if not _try_lock(fd):
+            if not try_flock(fd):
                 continue  # a live holder
-            if not _is_current(fd, path):
+            if not fd_is_current(fd, path):
                 continue  # someone else reaped and removed it while we waited for the flock
             holder = _read_holder(fd, _domain_of(path))
             if holder is not None:
@@ -223,7 +223,7 @@ def probe_and_reap(lock_dir: Path, reap: Reap, *, app_domain: str | None = None)
                     continue
                 reaped.append(holder)
                 log.info("reaped %s of dead run %s", holder.app_domain, holder.run_id)
-            _unlink_if_current(fd, path)
+            unlink_if_current(fd, path)
         finally:
             os.close(fd)
     return reaped
@@ -239,7 +239,7 @@ def list_locks(lock_dir: Path, leak_after: float) -> list[LockInfo]:
             continue
         try:
             # A shared probe conflicts only with a holder's exclusive lock, never with another probe.
-            held = not _try_lock(fd, fcntl.LOCK_SH)
+            held = not try_flock(fd, fcntl.LOCK_SH)
             holder = _read_holder(fd, _domain_of(path))
         finally:
             os.close(fd)
@@ -253,7 +253,8 @@ def list_locks(lock_dir: Path, leak_after: float) -> list[LockInfo]:
     return infos
 
 
-def _try_lock(fd: int, kind: int = fcntl.LOCK_EX) -> bool:
+def try_flock(fd: int, kind: int = fcntl.LOCK_EX) -> bool:
+    """Take ``flock(kind)`` on ``fd`` without blocking; return False if someone else holds it."""
     try:
         fcntl.flock(fd, kind | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -261,7 +262,7 @@ def _try_lock(fd: int, kind: int = fcntl.LOCK_EX) -> bool:
     return True
 
 
-def _is_current(fd: int, path: Path) -> bool:
+def fd_is_current(fd: int, path: Path) -> bool:
     """Return True if ``path`` still names the inode open as ``fd``."""
     try:
         on_disk = os.stat(path, follow_symlinks=False)
@@ -271,10 +272,11 @@ def _is_current(fd: int, path: Path) -> bool:
     return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
 
 
-def _unlink_if_current(fd: int, path: Path) -> None:
+def unlink_if_current(fd: int, path: Path) -> None:
+    """Remove ``path`` if it still names the inode of ``fd``, whose flock the caller holds."""
     # Safe from a check-then-act race: only a flock holder unlinks, we hold the flock of the
     # inode the path names, and O_CREAT never replaces an existing file.
-    if _is_current(fd, path):
+    if fd_is_current(fd, path):
         os.unlink(path)
 
 

@@ -9,7 +9,7 @@ visible to the test.
     spawn-guarded ARGS...          an intermediate parent that starts `guard ARGS...` and waits
     hold-lock DIR DOMAIN RUN [--wait S] [--reap-log F] [--guard]
     janitor DIR [--reap-log F] [--reap-gate]
-    sandbox RUN_DIR ABRA_HOME RECIPE
+    sandbox RUN_DIR ABRA_HOME RECIPE [--guard]
 """
 
 from __future__ import annotations
@@ -128,9 +128,17 @@ def cmd_janitor(args: argparse.Namespace) -> int:
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from ccci.harness.sandbox import RunSandbox
 
-    with RunSandbox(Path(args.run_dir), Path(args.abra_home), args.recipe) as sandbox:
-        say("ready", sandbox.abra_dir)
-        sys.stdin.readline()
+    guard = install_guard(3600) if args.guard else None
+    try:
+        with RunSandbox(Path(args.run_dir), Path(args.abra_home), args.recipe) as sandbox:
+            say("ready", sandbox.abra_dir)
+            if guard is not None:
+                while True:
+                    signal.pause()
+            sys.stdin.readline()
+    except RunInterrupted as exc:
+        say("interrupted", exc.status)
+        return exc.exit_code
     say("left")
     return 0
 
@@ -163,6 +171,7 @@ def main() -> int:
     p.add_argument("run_dir")
     p.add_argument("abra_home")
     p.add_argument("recipe")
+    p.add_argument("--guard", action="store_true")
     args, rest = parser.parse_known_args()
     if args.command == "spawn-guarded":
         args.rest = rest

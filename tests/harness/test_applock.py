@@ -157,16 +157,16 @@ def test_the_unlink_recreate_race_leaves_the_waiter_on_the_fresh_inode(helpers, 
 
 def test_a_waiter_that_wins_a_removed_inode_retries_on_the_fresh_file(lock_dir, monkeypatch):
     first = acquire_app_lock(lock_dir, APP, LockHolder(APP, "run-a"), wait=0, reap=never_reap)
-    real_try_lock = applock._try_lock
+    realtry_flock = applock.try_flock
     stale = []
 
     def release_between_open_and_flock(fd, kind=applock.fcntl.LOCK_EX):
         if first.fd is not None:  # the waiter has opened the old file; now the holder leaves
             stale.append(os.fstat(fd).st_ino)
             first()
-        return real_try_lock(fd, kind)
+        return realtry_flock(fd, kind)
 
-    monkeypatch.setattr(applock, "_try_lock", release_between_open_and_flock)
+    monkeypatch.setattr(applock, "try_flock", release_between_open_and_flock)
     second = acquire_app_lock(lock_dir, APP, LockHolder(APP, "run-b"), wait=0, reap=never_reap)
     try:
         assert os.fstat(second.fd).st_ino == os.stat(second.path).st_ino
@@ -177,16 +177,16 @@ def test_a_waiter_that_wins_a_removed_inode_retries_on_the_fresh_file(lock_dir, 
 
 def test_a_reaper_that_wins_a_removed_inode_leaves_it_alone(lock_dir, monkeypatch):
     plant_dead_lock(lock_dir, APP, "run-a")
-    real_try_lock = applock._try_lock
+    realtry_flock = applock.try_flock
     reaps = []
     armed = [True]
 
     def other_janitor_reaps_first(fd, kind=applock.fcntl.LOCK_EX):
         if armed.pop() if armed else False:
             reaps.append(("other", probe_and_reap(lock_dir, lambda h: None)))
-        return real_try_lock(fd, kind)
+        return realtry_flock(fd, kind)
 
-    monkeypatch.setattr(applock, "_try_lock", other_janitor_reaps_first)
+    monkeypatch.setattr(applock, "try_flock", other_janitor_reaps_first)
     recorded = Recorder()
     assert probe_and_reap(lock_dir, recorded) == []
     assert recorded == []
