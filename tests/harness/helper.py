@@ -8,7 +8,7 @@ visible to the test.
           [--finish-on-line]
     spawn-guarded ARGS...          an intermediate parent that starts `guard ARGS...` and waits
     hold-lock DIR DOMAIN RUN [--wait S] [--reap-log F] [--guard]
-    janitor DIR [--reap-log F] [--reap-gate]
+    janitor DIR [--reap-log F] [--reap-gate] [--runs-dir D]   (Janitor.thorough)
     sandbox RUN_DIR ABRA_HOME RECIPE [--guard]
 """
 
@@ -118,10 +118,17 @@ def cmd_hold_lock(args: argparse.Namespace) -> int:
 
 
 def cmd_janitor(args: argparse.Namespace) -> int:
-    from ccci.harness.applock import probe_and_reap
+    from ccci.harness.janitor import Janitor
 
-    reaped = probe_and_reap(Path(args.dir), reap_logger(args.reap_log, args.reap_gate))
-    say("reaped", len(reaped))
+    janitor = Janitor(
+        Path(args.runs_dir),
+        Path(args.dir),
+        leak_after=3600,
+        reap_app=reap_logger(args.reap_log, args.reap_gate),
+    )
+    report = janitor.thorough()
+    say("reaped", len(report.reaped_apps))
+    say("report", json.dumps(report.to_dict()))
     return 0
 
 
@@ -167,6 +174,7 @@ def main() -> int:
     p.add_argument("dir")
     p.add_argument("--reap-log")
     p.add_argument("--reap-gate", action="store_true")
+    p.add_argument("--runs-dir", default="/nonexistent/ccci-runs")
     p = sub.add_parser("sandbox")
     p.add_argument("run_dir")
     p.add_argument("abra_home")
