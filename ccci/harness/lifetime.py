@@ -29,6 +29,7 @@ import ctypes
 import logging
 import os
 import signal
+import threading
 from pathlib import Path
 from types import FrameType
 
@@ -141,6 +142,8 @@ def install_guard(deadline_seconds: float, *, parent_pid: int | None = None) -> 
     """
     if deadline_seconds <= 0:
         raise ValueError(f"a deadline must be positive, got {deadline_seconds}")
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("install_guard must run in the main thread: Python delivers signals there only")
     guard = LifetimeGuard(deadline_seconds, os.getppid() if parent_pid is None else parent_pid)
     try:
         guard._install()

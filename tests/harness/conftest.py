@@ -153,12 +153,18 @@ class HelperPool:
         self.recorded.setdefault(pid, process_start_time(pid))
 
     def cleanup(self) -> None:
-        for pid, started in self.recorded.items():
-            if started is not None and process_alive(pid, started):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        for helper in self.helpers:  # read what is left, to record grandchildren not yet seen
+            while not helper._eof and select.select([helper.popen.stdout.fileno()], [], [], 0)[0]:
+                helper._read(0)
+        for pid, started in list(self.recorded.items()):
+            if started is None or not process_alive(pid, started):
+                continue
+            try:
+                if os.getpgid(pid) == pid:  # a guarded helper leads its own group: kill its children too
+                    os.killpg(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for helper in self.helpers:
             try:
                 helper.popen.wait(TIMEOUT)
