@@ -1,0 +1,43 @@
+"""The Flask application: webhook intake, run pages, admin API, health and metrics."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, current_app
+
+from ..config import Settings, load_settings
+from ..doorbell import Doorbell
+from ..reporter import Reporter
+from ..store import Store
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the app for ``settings`` (loaded from the environment when omitted)."""
+    settings = settings or load_settings()
+    app = Flask(__name__)
+    # Werkzeug answers 413 itself when a body is larger than this, before any view runs.
+    app.config["MAX_CONTENT_LENGTH"] = settings.MAX_BODY
+    app.extensions["ccci"] = Services(settings)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from . import admin, health, hooks, runs
+
+    for module in (hooks, runs, admin, health):
+        module.init_app(app)
+    return app
+
+
+class Services:
+    """What views share: the settings, the store, the reporter and the worker's doorbell."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = Store(settings.db_path)
+        self.reporter = Reporter(self.store, settings)
+        self.doorbell = Doorbell(settings.STATE_DIR / "worker.sock")
+
+
+def services() -> Services:
+    """Return the current app's services."""
+    return current_app.extensions["ccci"]

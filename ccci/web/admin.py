@@ -1,0 +1,84 @@
+"""The admin API: ``GET /admin/runs`` and ``POST /admin/runs/<id>/cancel`` behind a bearer token."""
+
+from __future__ import annotations
+
+import hmac
+from functools import wraps
+
+from flask import Blueprint, Flask, jsonify, request
+
+from ..store import ACTIVE_STATES, STATES
+from . import services
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+
+
+def require_admin(view):
+    """Refuse the request with 401 unless it carries ``Authorization: Bearer <ADMIN_TOKEN>``."""
+
+    @wraps(view)
+    def guarded(*args, **kwargs):
+        token = services().settings.ADMIN_TOKEN
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        # With no ADMIN_TOKEN configured the admin API is closed, never open.
+        if not token or scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+            return jsonify({"error": "a valid admin bearer token is required"}), 401
+        return view(*args, **kwargs)
+
+    return guarded
+
+
+@bp.get("/runs")
+@require_admin
+def list_runs():
+    """List runs, newest first; filter with ?state=, ?recipe=, ?repo=owner/name, ?pr=."""
+    s = services()
+    states = tuple(x for x in request.args.getlist("state") if x)
+    unknown = [x for x in states if x not in STATES]
+    if unknown:
+        return jsonify({"error": f"unknown state {unknown[0]!r}; one of {', '.join(STATES)}"}), 400
+    owner = repo = None
+    if request.args.get("repo"):
+        owner, _, repo = request.args["repo"].partition("/")
+    pr = request.args.get("pr", type=int)
+    limit = min(request.args.get("limit", default=100, type=int), 1000)
+    runs = s.store.list_runs(
+        states=states or None,
+        recipe=request.args.get("recipe"),
+        owner=owner,
+        repo=repo or None,
+        pr=pr,
+        limit=limit,
+    )
+    from ..harness.applock import list_locks
+
+    locks = [lock.to_dict() for lock in list_locks(s.settings.LOCK_DIR, s.settings.LOCK_LEAK_AFTER)]
+    return jsonify({"runs": [_summary(r) for r in runs], "locks": locks})
+
+
+@bp.post("/runs/<int:run_id>/cancel")
+@require_admin
+def cancel_run(run_id: int):
+    """Cancel a queued or running run: 202 accepted, 404 unknown, 409 already finished."""
+    s = services()
+    run = s.store.get_run(run_id)
+    if run is None or run.state == "refused":
+        return jsonify({"error": f"no run {run_id}"}), 404
+    by = request.args.get("by") or "an operator"
+    if not s.store.update_run(run_id, only_if_state=ACTIVE_STATES, cancel_requested=1, canceled_by=by):
+        return jsonify({"error": f"run {run_id} already finished ({run.state})"}), 409
+    s.doorbell.ring()
+    return jsonify({"result": "cancel requested", "run": run_id}), 202
+
+
+def _summary(run) -> dict:
+    data = run.to_dict()
+    report = data.pop("report")
+    data["passed"] = report.get("passed") if report else None
+    return data
+
+
+def init_app(app: Flask) -> None:
+    """Register the admin API."""
+    app.register_blueprint(bp)

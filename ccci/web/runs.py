@@ -1,0 +1,47 @@
+"""Run pages: ``GET /runs/<id>`` (HTML, or JSON on request) and ``GET /runs/<id>/log``."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Flask, Response, abort, jsonify, render_template, request
+
+from ..runfiles import RunFiles
+from . import services
+
+bp = Blueprint("runs", __name__, template_folder="templates")
+
+
+def _wants_json() -> bool:
+    best = request.accept_mimetypes.best_match(["text/html", "application/json"])
+    return best == "application/json" and request.accept_mimetypes[best] > request.accept_mimetypes["text/html"]
+
+
+@bp.get("/runs/<int:run_id>")
+def run_page(run_id: int):
+    """Show one run: verdict, steps, metrics, durations and the log."""
+    s = services()
+    run = s.store.get_run(run_id)
+    if run is None or run.state == "refused":
+        abort(404)
+    report = run.report_dict() or RunFiles(s.settings.runs_dir, run_id).read_report()
+    if _wants_json():
+        data = run.to_dict()
+        data["report"] = report
+        return jsonify(data)
+    return render_template("run.html", run=run, report=report, public_url=s.settings.PUBLIC_URL)
+
+
+@bp.get("/runs/<int:run_id>/log")
+def run_log(run_id: int):
+    """Return the run's log as plain text (the part written so far while it runs)."""
+    s = services()
+    run = s.store.get_run(run_id)
+    if run is None or run.state == "refused":
+        abort(404)
+    offset = request.args.get("offset", default=0, type=int)
+    text, end = RunFiles(s.settings.runs_dir, run_id).read_log(offset=max(offset, 0))
+    return Response(text, mimetype="text/plain", headers={"X-Log-Offset": str(end), "X-Run-State": run.state})
+
+
+def init_app(app: Flask) -> None:
+    """Register the run pages."""
+    app.register_blueprint(bp)
