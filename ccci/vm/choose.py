@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from ..config import Settings
 from ..errors import ConfigError
@@ -13,11 +14,15 @@ from .image import find_image
 DEFAULT_IMAGE = "tiny"
 
 
-def choose_executor(settings: Settings, log: Callable[[str], None]) -> Executor:
-    """Return the executor ``settings.EXECUTOR`` asks for, logging which one and why."""
+def choose_executor(settings: Settings, log: Callable[[str], None], *, writable: Iterable[Path] = ()) -> Executor:
+    """Return the executor ``settings.EXECUTOR`` asks for, logging which one and why.
+
+    ``writable``: host paths the process sandbox must leave writable besides the workspace
+    (the run's ABRA_DIR and the operator's abra directory it links to).
+    """
     wanted = settings.EXECUTOR
     if wanted == "local":
-        return _process(log, "EXECUTOR=local")
+        return _process(log, "EXECUTOR=local", writable)
     reason = _qemu_unavailable(settings)
     if reason is None:
         from .qemu import QemuExecutor
@@ -27,7 +32,7 @@ def choose_executor(settings: Settings, log: Callable[[str], None]) -> Executor:
         return QemuExecutor(settings.STATE_DIR, image=DEFAULT_IMAGE, log=log)
     if wanted == "qemu":
         raise ConfigError("EXECUTOR", f"qemu was asked for but cannot run: {reason}")
-    return _process(log, f"EXECUTOR=auto and {reason}")
+    return _process(log, f"EXECUTOR=auto and {reason}", writable)
 
 
 def _qemu_unavailable(settings: Settings) -> str | None:
@@ -38,9 +43,9 @@ def _qemu_unavailable(settings: Settings) -> str | None:
     return None
 
 
-def _process(log: Callable[[str], None], why: str) -> Executor:
+def _process(log: Callable[[str], None], why: str, writable: Iterable[Path]) -> Executor:
     from .process import ProcessExecutor
 
-    executor = ProcessExecutor()
+    executor = ProcessExecutor(writable=tuple(writable))
     log(f"executor: process sandbox ({why}; isolated_forks={executor.isolated_forks})")
     return executor

@@ -64,7 +64,8 @@ def bwrap_usable() -> bool:
 def _bwrap_argv(bwrap: str, workspace: Path, writable: Iterable[Path], command: str) -> list[str]:
     argv = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
     for path in (workspace, *writable):
-        argv += ["--bind", str(path), str(path)]
+        if Path(path).exists():  # a path that does not exist has nothing to protect or share
+            argv += ["--bind", str(path), str(path)]
     # No --new-session: the sandboxed shell must stay in our process group to be killable as one.
     return argv + ["--unshare-pid", "--die-with-parent", "--chdir", str(workspace), "/bin/sh", "-c", command]
 

@@ -1,0 +1,86 @@
+"""The recipe checkout: exactly the pinned commit of a pull request, fetched with real git.
+
+The PR head is fetched from the *base* repository as ``refs/pull/<n>/head`` (Gitea and
+Forgejo publish every PR there, forks included), then the pinned sha is checked out detached
+and verified. A token for the forge is handed to git through ``GIT_CONFIG_*`` variables, never
+on a command line where ``ps`` would show it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from urllib.parse import urlparse
+
+from ..errors import PermanentInfraError, TransientInfraError
+
+SHA = re.compile(r"^[0-9a-f]{40}$")
+GIT_TIMEOUT = 300
+
+
+def checkout_pull(clone_url: str, pr: int, sha: str, dest: Path, *, forge_url: str = "", token: str = "") -> None:
+    """Fetch ``refs/pull/<pr>/head`` from ``clone_url`` into ``dest`` and check out ``sha``."""
+    if not SHA.match(sha):
+        raise PermanentInfraError(f"refusing to check out {sha!r}: not a 40-hex commit id")
+    dest.mkdir(parents=True, exist_ok=True)
+    env = _git_env(clone_url, forge_url, token)
+    _git(["init", "-q", str(dest)], env)
+    ref = f"refs/pull/{int(pr)}/head"
+    _git(
+        ["-C", str(dest), "fetch", "-q", "--no-tags", clone_url, f"+{ref}:refs/ccci/pr"],
+        env,
+        what=f"fetching {ref} from {_safe_url(clone_url)}",
+        transient=True,
+    )
+    try:
+        _git(["-C", str(dest), "checkout", "-q", "--detach", sha], env)
+    except PermanentInfraError:
+        raise PermanentInfraError(
+            f"commit {sha[:10]} is not in {ref} any more (the PR head moved and the old commit is gone); "
+            "comment !testme again to test the current head"
+        ) from None
+    head = _git(["-C", str(dest), "rev-parse", "HEAD"], env).strip()
+    if head != sha:
+        raise PermanentInfraError(f"checked out {head} instead of {sha}")
+
+
+def copy_source(source: Path, dest: Path) -> None:
+    """Copy a local recipe checkout (``ccci test --source``), .git included."""
+    if not source.is_dir():
+        raise PermanentInfraError(f"source {source} is not a directory")
+    shutil.copytree(source, dest, symlinks=True, dirs_exist_ok=True)
+
+
+def _git_env(clone_url: str, forge_url: str, token: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update({"GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1", "GIT_ASKPASS": "/bin/false"})
+    # Only ever send the token to the forge it belongs to.
+    if token and forge_url and urlparse(clone_url).netloc == urlparse(forge_url).netloc:
+        env.update(
+            {
+                "GIT_CONFIG_COUNT": "1",
+                "GIT_CONFIG_KEY_0": "http.extraHeader",
+                "GIT_CONFIG_VALUE_0": f"Authorization: token {token}",
+            }
+        )
+    return env
+
+
+def _git(args: list[str], env: dict[str, str], *, what: str = "", transient: bool = False) -> str:
+    try:
+        proc = subprocess.run(["git", *args], env=env, capture_output=True, text=True, timeout=GIT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise TransientInfraError(f"git timed out while {what or ' '.join(args[:3])}") from None
+    if proc.returncode != 0:
+        error = TransientInfraError if transient else PermanentInfraError
+        detail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        raise error(f"git failed while {what or ' '.join(args[:3])}: {detail[0]}")
+    return proc.stdout
+
+
+def _safe_url(url: str) -> str:
+    parsed = urlparse(url)
+    return parsed._replace(netloc=parsed.hostname or "").geturl() if parsed.password else url
