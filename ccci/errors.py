@@ -1,12 +1,12 @@
 """The small error tree: what went wrong, and whether trying again can help.
 
-    CcciError
-    ├── ConfigError          a setting is missing or malformed; fix the config, then restart
-    ├── SpecError            a recipe's ci.yml is invalid; fix the file, nothing ran
-    ├── InfraError           the infrastructure could not run the work (not the recipe's fault)
-    │   ├── TransientInfraError   may succeed if tried again (VM restore, agent not ready, forge 5xx)
-    │   └── PermanentInfraError   will fail the same way again (missing image, bad kernel)
-    └── ForgeError           the forge refused or failed a request
+CcciError
+├── ConfigError          a setting is missing or malformed; fix the config, then restart
+├── SpecError            a recipe's ci.yml is invalid; fix the file, nothing ran
+├── InfraError           the infrastructure could not run the work (not the recipe's fault)
+│   ├── TransientInfraError   may succeed if tried again (VM restore, agent not ready, forge 5xx)
+│   └── PermanentInfraError   will fail the same way again (missing image, bad kernel)
+└── ForgeError           the forge refused or failed a request
 """
 
 

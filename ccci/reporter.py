@@ -11,6 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from .config import Settings
+from .pipeline.progress import StepBoard
+from .pipeline.render import marker, render_comment, render_progress
+from .pipeline.report import Report
+from .pipeline.scheduler import Event
 from .store import Run, Store
 
 STATUS_CONTEXT = "ccci/testme"
@@ -23,11 +27,6 @@ STATUS_STATES = {
     "canceled": "error",
     "timed_out": "failure",
 }
-
-
-def marker(run_id: int) -> str:
-    """Return the hidden marker that identifies a run's status comment."""
-    return f"<!-- ccci:run={run_id} -->"
 
 
 class Reporter:
@@ -76,14 +75,55 @@ class Reporter:
 
     def queued(self, run: Run) -> None:
         """Say the run is queued, with its place in the queue."""
-        position = self.store.queue_position(run.id)
-        where = "next in line" if position == 0 else f"{position} run{'s' if position > 1 else ''} ahead"
-        sha = f" at `{run.sha[:10]}`" if run.sha else ""
         self.comment(
             run,
-            f"{marker(run.id)}\n⏳ **ccci run #{run.id}** — `{run.recipe}`{sha} is queued ({where}), "
-            f"requested by @{run.requester}.{self._link(run)}",
+            render_progress(
+                "queued",
+                marker_run_id=run.id,
+                recipe=run.recipe,
+                tested_sha=run.sha or "PR head",
+                position=self.store.queue_position(run.id) + 1,
+                public_url=self.settings.PUBLIC_URL,
+            ),
         )
+
+    def running(self, run: Run, events: list[dict[str, Any]]) -> None:
+        """Show the run's live step states, and which run holds the app while it waits."""
+        board = StepBoard()
+        waiting = ""
+        for data in events:
+            if data.get("kind") == "waiting":
+                waiting = data.get("text", "")
+                continue
+            if data.get("kind") in ("queued", "started", "finished"):
+                board.update(Event(**data))
+                waiting = ""
+        body = render_progress(
+            "running",
+            marker_run_id=run.id,
+            recipe=run.recipe,
+            tested_sha=run.sha or "",
+            steps=board.rows(),
+            public_url=self.settings.PUBLIC_URL,
+        )
+        if waiting:
+            body += f"\n\n⏸️ {waiting}; this run starts when it is free."
+        self.comment(run, body)
+
+    def final(self, run: Run, report: dict[str, Any], head_sha: str | None) -> None:
+        """Edit the comment into the final report and set the final commit status."""
+        typed = Report.from_dict(report)
+        if run.canceled_by and typed.status == "canceled":
+            typed.notes.insert(0, f"canceled by {run.canceled_by}")
+        body = render_comment(
+            typed,
+            marker_run_id=run.id,
+            public_url=self.settings.PUBLIC_URL,
+            tested_sha=run.sha or typed.sha,
+            head_sha=head_sha,
+        )
+        self.comment(run, body)
+        self.status(run, typed.status, f"run #{run.id} {typed.status.replace('_', ' ')}")
 
     def refuse(self, *, owner: str, repo: str, pr: int, comment_id: int, login: str, text: str) -> None:
         """React ``confused``; explain once per user and PR, never more."""
@@ -99,7 +139,3 @@ class Reporter:
     def _react(self, owner: str, repo: str, comment_id: int, content: str, run_id: int | None = None) -> None:
         payload: dict[str, Any] = {"owner": owner, "repo": repo, "comment_id": comment_id, "content": content}
         self.store.enqueue("reaction", payload, run_id=run_id)
-
-    def _link(self, run: Run) -> str:
-        url = self.run_url(run.id)
-        return f" [Run page]({url})" if url else ""

@@ -278,9 +278,7 @@ class Store:
         sql = f"SELECT * FROM runs WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?"
         return [_run(r) for r in self._connection().execute(sql, (*args, limit)).fetchall()]
 
-    def update_run(
-        self, run_id: int, *, only_if_state: tuple[str, ...] | None = None, **changes: Any
-    ) -> bool:
+    def update_run(self, run_id: int, *, only_if_state: tuple[str, ...] | None = None, **changes: Any) -> bool:
         """Change columns of a run; with ``only_if_state``, only from one of those states."""
         if "report" in changes and isinstance(changes["report"], dict):
             changes["report"] = json.dumps(changes["report"])
@@ -297,9 +295,7 @@ class Store:
         """Return how many admitted queued runs are ahead of this one (0: next to start)."""
         row = (
             self._connection()
-            .execute(
-                "SELECT COUNT(*) FROM runs WHERE state = 'queued' AND admitted = 1 AND id < ?", (run_id,)
-            )
+            .execute("SELECT COUNT(*) FROM runs WHERE state = 'queued' AND admitted = 1 AND id < ?", (run_id,))
             .fetchone()
         )
         return int(row[0])
@@ -325,9 +321,7 @@ class Store:
         )
         return int(row[0])
 
-    def request_cancel_by_comment(
-        self, *, owner: str, repo: str, pr: int, login: str, comment_id: int
-    ) -> None:
+    def request_cancel_by_comment(self, *, owner: str, repo: str, pr: int, login: str, comment_id: int) -> None:
         """Record a ``!testme cancel``; the worker decides whether ``login`` may cancel."""
         with self._tx() as db:
             db.execute(
@@ -338,9 +332,7 @@ class Store:
     def pending_cancel_requests(self) -> list[dict[str, Any]]:
         """Return the ``!testme cancel`` requests not yet handled, oldest first."""
         rows = (
-            self._connection()
-            .execute("SELECT * FROM cancel_requests WHERE handled_at IS NULL ORDER BY id")
-            .fetchall()
+            self._connection().execute("SELECT * FROM cancel_requests WHERE handled_at IS NULL ORDER BY id").fetchall()
         )
         return [dict(r) for r in rows]
 
@@ -419,9 +411,7 @@ class Store:
 
     def outbox_backlog(self) -> int:
         """Count undelivered writes."""
-        return int(
-            self._connection().execute("SELECT COUNT(*) FROM outbox WHERE done_at IS NULL").fetchone()[0]
-        )
+        return int(self._connection().execute("SELECT COUNT(*) FROM outbox WHERE done_at IS NULL").fetchone()[0])
 
     def state_counts(self) -> dict[str, int]:
         """Count runs by state."""

@@ -13,9 +13,10 @@ must free everything (processes, files) on every path.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 # Called with ("stdout" | "stderr", chunk) as output arrives; chunks are raw bytes.
 OutputSink = Callable[[str, bytes], None]
@@ -47,7 +48,7 @@ class ExecResult:
 class Checkpoint(Protocol):
     """A frozen copy of a machine's state that new machines can fork from."""
 
-    def fork(self) -> "Machine":
+    def fork(self) -> Machine:
         """Start a new machine from this state; raise InfraError if none can be provided."""
         ...
 
