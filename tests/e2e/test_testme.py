@@ -91,3 +91,22 @@ def test_an_unauthorized_commenter_gets_no_run(make_world):
     assert world.admin("GET", "/admin/runs").json()["runs"] == []
     assert sha not in world.gitea.statuses
     assert not world.gitea.api_calls("GET", f"/api/v1/repos/{OWNER}/{REPO}/pulls")
+
+
+def test_organisation_members_are_admitted_and_others_refused(make_world):
+    world = make_world(CCCI_ALLOWED_USERS="", CCCI_ALLOWED_ORGS="coop-cloud")
+    world.gitea.add_member("coop-cloud", "carol")
+    member_sha = world.open_pr(11)
+    _, payload = world.comment(11, "!testme", user="carol")
+    answer = world.deliver(payload)
+    assert answer.status_code == 202 and answer.json()["authorization"].startswith("pending")
+    world.gitea.wait_for(lambda g: "success" in final_status(world, member_sha), timeout=60)
+
+    outsider_sha = world.open_pr(12)
+    outsider_comment, payload = world.comment(12, "!testme", user="dave")
+    assert world.deliver(payload).status_code == 202  # membership is checked by the worker, not here
+    world.gitea.wait_for(lambda g: ("ccci", "confused") in g.reactions.get(outsider_comment, []))
+    world.gitea.wait_for(lambda g: len(world.ccci_comments(12)) == 1)
+    assert outsider_sha not in world.gitea.statuses
+    assert [r["requester"] for r in world.admin("GET", "/admin/runs").json()["runs"]] == ["carol"]
+    assert world.gitea.api_calls("GET", "/orgs/coop-cloud/members/dave")
