@@ -191,13 +191,25 @@ class Store:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         db = self._connection()
+        if getattr(self._local, "depth", 0):  # inside transaction(): join it
+            yield db
+            return
         db.execute("BEGIN IMMEDIATE")
+        self._local.depth = 1
         try:
             yield db
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        finally:
+            self._local.depth = 0
         db.execute("COMMIT")
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group several store calls into one atomic transaction (all or nothing)."""
+        with self._tx():
+            yield
 
     def close(self) -> None:
         """Close this thread's connection."""

@@ -89,3 +89,19 @@ def test_queue_position_counts_admitted_runs_ahead(tmp_path):
     assert [store.queue_position(i) for i in ids] == [0, 1, 2]
     store.update_run(ids[0], state="running")
     assert store.queue_position(ids[2]) == 1
+
+
+def test_a_transaction_commits_all_or_nothing(tmp_path):
+    store = Store(tmp_path / "db")
+    try:
+        with store.transaction():
+            store.claim_comment(
+                owner="o", repo="r", comment_id=5, action="test", run={"pr": 1, "recipe": "r", "requester": "u"}
+            )
+            store.enqueue("reaction", {"content": "eyes"})
+            raise RuntimeError("crash before commit")
+    except RuntimeError:
+        pass
+    assert store.list_runs() == [] and store.outbox_backlog() == 0
+    claimed, _ = store.claim_comment(owner="o", repo="r", comment_id=5, action="test")
+    assert claimed  # the rolled-back claim left nothing behind

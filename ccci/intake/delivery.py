@@ -83,29 +83,30 @@ def _test(settings: Settings, store: Store, reporter: Reporter, event: CommentEv
             )
         return Outcome(200, {"result": "refused", "reason": f"{event.author} may not trigger runs"}, claimed)
     recipe = event.repo
-    claimed, run = store.claim_comment(
-        owner=event.owner,
-        repo=event.repo,
-        comment_id=event.comment_id,
-        action="test",
-        run={
-            "pr": event.pr,
-            "recipe": recipe,
-            "requester": event.author,
-            "clone_url": event.clone_url,
-            # Allowed by the local list now; otherwise the worker checks membership first.
-            "authorized": int(local),
-        },
-    )
+    # The claim, the run and its acknowledgement commit together: all of them or none.
+    with store.transaction():
+        claimed, run = store.claim_comment(
+            owner=event.owner,
+            repo=event.repo,
+            comment_id=event.comment_id,
+            action="test",
+            run={
+                "pr": event.pr,
+                "recipe": recipe,
+                "requester": event.author,
+                "clone_url": event.clone_url,
+                # Allowed by the local list now; otherwise the worker checks membership first.
+                "authorized": int(local),
+            },
+        )
+        if claimed and local:
+            reporter.react(run, "eyes")
+            reporter.queued(run)
     if not claimed:
         return Outcome(
             200,
             {"result": "ignored", "reason": "comment already handled", "run": run.id if run else None},
         )
-    assert run is not None
-    if local:
-        reporter.react(run, "eyes")
-        reporter.queued(run)
     body: dict[str, Any] = {"result": "queued", "run": run.id}
     if not local:
         body["authorization"] = "pending organisation membership check"
