@@ -111,7 +111,7 @@ def cmd_run(settings, args) -> int:
     request = RunRequest.checked(
         run_id=args.run_id, recipe=args.recipe, clone_url=args.clone_url, pr=args.pr, sha=args.sha
     )
-    _report, code = execute(settings, request)
+    _report, code = execute(settings, request, echo=sys.stdout)
     return code
 
 

@@ -18,6 +18,7 @@ from .pipeline.scheduler import Event
 from .store import Run, Store
 
 STATUS_CONTEXT = "ccci/testme"
+COMMENT_LIMIT = 60_000
 STATUS_STATES = {
     "queued": "pending",
     "running": "pending",
@@ -44,7 +45,7 @@ class Reporter:
     def react(self, run: Run, content: str) -> None:
         """Put a reaction on the comment that triggered the run."""
         if run.comment_id is not None:
-            self._react(run.owner, run.repo, run.comment_id, content, run_id=run.id)
+            self.react_to(run.owner, run.repo, run.comment_id, content, run_id=run.id)
 
     def comment(self, run: Run, body: str) -> None:
         """Set the run's status comment to ``body`` (created the first time, then edited)."""
@@ -121,21 +122,30 @@ class Reporter:
             public_url=self.settings.PUBLIC_URL,
             tested_sha=run.sha or typed.sha,
             head_sha=head_sha,
+            limit=COMMENT_LIMIT - 500,
         )
+        if run.superseded_by:
+            # Collapsed: the newer run's comment is the one that matters now.
+            body = (
+                f"{marker(run.id)}\n⏭️ **ccci run #{run.id} was superseded by run #{run.superseded_by}.**\n\n"
+                f"<details><summary>What run #{run.id} did before it was canceled</summary>\n\n"
+                f"{body.replace(marker(run.id), '').strip()}\n\n</details>"
+            )
         self.comment(run, body)
         self.status(run, typed.status, f"run #{run.id} {typed.status.replace('_', ' ')}")
 
     def refuse(self, *, owner: str, repo: str, pr: int, comment_id: int, login: str, text: str) -> None:
         """React ``confused``; explain once per user and PR, never more."""
-        self._react(owner, repo, comment_id, "confused")
+        self.react_to(owner, repo, comment_id, "confused")
         if self.store.note_refusal(repo=f"{owner}/{repo}", pr=pr, login=login):
             self.store.enqueue("comment", {"owner": owner, "repo": repo, "pr": pr, "body": text})
 
     def reply(self, *, owner: str, repo: str, pr: int, comment_id: int, text: str) -> None:
         """Answer a comment with a short text (usage help)."""
-        self._react(owner, repo, comment_id, "confused")
+        self.react_to(owner, repo, comment_id, "confused")
         self.store.enqueue("comment", {"owner": owner, "repo": repo, "pr": pr, "body": text})
 
-    def _react(self, owner: str, repo: str, comment_id: int, content: str, run_id: int | None = None) -> None:
+    def react_to(self, owner: str, repo: str, comment_id: int, content: str, run_id: int | None = None) -> None:
+        """Put a reaction on any comment."""
         payload: dict[str, Any] = {"owner": owner, "repo": repo, "comment_id": comment_id, "content": content}
         self.store.enqueue("reaction", payload, run_id=run_id)

@@ -1,10 +1,15 @@
 """The worker: admits accepted runs, dispatches them, and reports how they ended.
 
-One pass of the loop, in order: handle ``!testme cancel`` requests and admin cancels; admit
-new runs (organisation membership, then pin the PR head); start admitted runs while fewer than
-``MAX_RUNS`` are going; finish the runs whose harness exited; refresh the status comments of
-running runs from their progress events; deliver the outbox. Then wait for the doorbell, or
-until the next outbox retry is due.
+One pass of the loop, in order: handle ``!testme cancel`` requests; admit new runs
+(organisation membership, pin the PR head, supersede older runs of the same PR); signal the
+runs whose cancel was requested; start admitted runs while fewer than ``MAX_RUNS`` are going;
+finalize the runs whose harness ended; refresh the status comments of running runs; deliver
+the outbox. Then wait for the doorbell, or until the next outbox retry or dispatcher poll.
+
+On start it recovers: a thorough janitor sweep, then every run still marked running is
+adopted by the dispatcher (watched if its harness lives, collected if it is gone), and queued
+runs simply resume. Every final state is recorded together with its report writes in one
+transaction, and only from an active state: exactly one final report per run.
 """
 
 from __future__ import annotations
@@ -15,57 +20,73 @@ import time
 from typing import Any
 
 from .config import Settings
+from .dispatch import Dispatcher, Finished
 from .doorbell import Doorbell
 from .errors import ForgeError
 from .intake.policy import authorize, refusal_text
 from .outbox import Courier
 from .reporter import Reporter
-from .runfiles import RunFiles
 from .store import ACTIVE_STATES, FINAL_STATES, Run, Store
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT = 5.0  # how long to wait for the doorbell when nothing is due
+INTERRUPTED = "interrupted: {reason}; its app, lock and sandbox were cleaned up. Comment `{trigger}` to run it again."
 
 
 class Worker:
     """Drives runs from queued to their final report on this host."""
 
-    def __init__(self, settings: Settings, forge: Any, *, store: Store | None = None, dispatcher: Any = None):
+    def __init__(
+        self, settings: Settings, forge: Any, *, store: Store | None = None, dispatcher: Dispatcher | None = None
+    ):
         self.settings = settings
         self.forge = forge
         self.store = store or Store(settings.db_path)
         self.reporter = Reporter(self.store, settings)
         self.courier = Courier(self.store, forge)
         self.doorbell = Doorbell(settings.STATE_DIR / "worker.sock")
-        if dispatcher is None:
-            from .dispatch.local import LocalDispatcher
-
-            dispatcher = LocalDispatcher(settings, self.doorbell)
-        self.dispatcher = dispatcher
+        self.dispatcher = dispatcher or make_dispatcher(settings, self.doorbell)
         self._progress_seen: dict[int, int] = {}
-        self._signaled: set[int] = set()  # runs already sent SIGTERM: cancel once, then wait
+        self._signaled: set[int] = set()  # runs already asked to stop: cancel once, then wait
 
     def serve(self, stop: threading.Event) -> None:
-        """Run passes until ``stop`` is set."""
+        """Recover, then run passes until ``stop`` is set."""
         self.doorbell.listen()
         try:
+            self.recover()
             while not stop.is_set():
                 wait = self.run_pass()
                 self.doorbell.wait(wait)
         finally:
             self.doorbell.close()
 
+    def recover(self) -> None:
+        """Pick up after a restart: sweep what dead runs left, adopt runs still marked running."""
+        if self.settings.DISPATCH == "local":
+            from .harness.run import make_janitor
+
+            try:
+                make_janitor(self.settings).thorough()
+            except Exception:
+                log.exception("recovery sweep failed")
+        for run in self.store.list_runs(states=("running",), limit=10_000):
+            log.info("recovering run %s (dispatch ref %s)", run.id, run.dispatch_ref)
+            if run.dispatch_ref:
+                self.dispatcher.adopt(run)
+            else:  # crashed between marking it running and starting it: it never started
+                self.store.update_run(run.id, only_if_state=("running",), state="queued", started_at=None)
+
     def run_pass(self) -> float:
         """Do one pass of work; return how long the worker may wait before the next."""
         self._handle_cancel_requests()
         self._admit()
-        self._cancel_requested()
+        self._signal_cancels()
         self._start()
-        self._finish_exited()
+        self._finish()
         self._refresh_progress()
         next_due = self.courier.deliver_due()
-        wait = IDLE_WAIT if not self.dispatcher.running() else 1.0
+        wait = IDLE_WAIT if not self.dispatcher.active() else getattr(self.dispatcher, "poll_interval", 1.0)
         if next_due is not None:
             wait = min(wait, max(0.0, next_due - time.time()))
         return wait
@@ -74,7 +95,7 @@ class Worker:
 
     def _admit(self) -> None:
         for run in reversed(self.store.list_runs(states=("queued",), limit=500)):
-            if run.admitted:
+            if run.admitted or run.cancel_requested:
                 continue
             try:
                 self._admit_one(run)
@@ -92,44 +113,54 @@ class Worker:
             )
             if not decision.allowed:
                 log.info("run %s refused: %s", run.id, decision.reason)
-                self.store.update_run(
-                    run.id,
-                    only_if_state=("queued",),
-                    state="refused",
-                    note=decision.reason,
-                    finished_at=time.time(),
-                )
-                self.reporter.refuse(
-                    owner=run.owner,
-                    repo=run.repo,
-                    pr=run.pr,
-                    comment_id=run.comment_id or 0,
-                    login=run.requester,
-                    text=refusal_text(run.requester, self.settings.TRIGGER),
-                )
+                with self.store.transaction():
+                    self.store.update_run(
+                        run.id, only_if_state=("queued",), state="refused", note=decision.reason,
+                        finished_at=time.time(),
+                    )  # fmt: skip
+                    self.reporter.refuse(
+                        owner=run.owner,
+                        repo=run.repo,
+                        pr=run.pr,
+                        comment_id=run.comment_id or 0,
+                        login=run.requester,
+                        text=refusal_text(run.requester, self.settings.TRIGGER),
+                    )
                 return
-            self.store.update_run(run.id, authorized=1)
-            self.reporter.react(run, "eyes")
+            with self.store.transaction():
+                self.store.update_run(run.id, authorized=1)
+                self.reporter.react(run, "eyes")
         pull = self.forge.get_pull(run.owner, run.repo, run.pr)
         if pull.state != "open":
             self._end_without_running(run, "canceled", "the pull request was closed before the run started")
             return
-        self.store.update_run(run.id, sha=pull.head_sha, admitted=1)
-        run = self.store.get_run(run.id)
-        self.reporter.queued(run)
-        self.reporter.status(run, "queued", f"run #{run.id} queued")
+        with self.store.transaction():
+            self.store.update_run(run.id, sha=pull.head_sha, admitted=1)
+            run = self.store.get_run(run.id)
+            self._supersede_older(run)
+            self.reporter.queued(run)
+            self.reporter.status(run, "queued", f"run #{run.id} queued")
+
+    def _supersede_older(self, run: Run) -> None:
+        """Cancel the PR's older runs: at most one run per PR goes on, the newest."""
+        for older in self.store.list_runs(states=ACTIVE_STATES, owner=run.owner, repo=run.repo, pr=run.pr):
+            if older.id < run.id and not older.superseded_by:
+                self.store.update_run(
+                    older.id,
+                    only_if_state=ACTIVE_STATES,
+                    cancel_requested=1,
+                    canceled_by=f"run #{run.id}, which superseded it",
+                    superseded_by=run.id,
+                )
 
     # -- cancel --------------------------------------------------------------------------------
 
     def _handle_cancel_requests(self) -> None:
         for req in self.store.pending_cancel_requests():
-            active = [
-                r
-                for r in self.store.list_runs(states=ACTIVE_STATES, owner=req["owner"], repo=req["repo"], pr=req["pr"])
-            ]
+            active = self.store.list_runs(states=ACTIVE_STATES, owner=req["owner"], repo=req["repo"], pr=req["pr"])
             login = req["login"]
             may = any(r.requester.lower() == login.lower() for r in active)
-            if not may and active:
+            if active and not may:
                 try:
                     may = authorize(
                         login,
@@ -139,102 +170,137 @@ class Worker:
                     ).allowed
                 except ForgeError:
                     continue  # the forge is down; decide next pass
-            if active and not may:
-                self.reporter.refuse(
-                    owner=req["owner"],
-                    repo=req["repo"],
-                    pr=req["pr"],
-                    comment_id=req["comment_id"] or 0,
-                    login=login,
-                    text=refusal_text(login, self.settings.TRIGGER),
-                )
-            for run in active if may else []:
-                self.store.update_run(run.id, only_if_state=ACTIVE_STATES, cancel_requested=1, canceled_by=login)
-            if may or not active:
-                self.reporter._react(req["owner"], req["repo"], req["comment_id"], "+1" if active else "confused")
-            self.store.mark_cancel_request_handled(req["id"])
+            with self.store.transaction():
+                if not active:
+                    self.reporter.reply(
+                        owner=req["owner"],
+                        repo=req["repo"],
+                        pr=req["pr"],
+                        comment_id=req["comment_id"] or 0,
+                        text="There is no queued or running ccci run on this pull request to cancel.",
+                    )
+                elif not may:
+                    self.reporter.refuse(
+                        owner=req["owner"],
+                        repo=req["repo"],
+                        pr=req["pr"],
+                        comment_id=req["comment_id"] or 0,
+                        login=login,
+                        text=refusal_text(login, self.settings.TRIGGER),
+                    )
+                else:
+                    for run in active:
+                        self.store.update_run(
+                            run.id, only_if_state=ACTIVE_STATES, cancel_requested=1, canceled_by=f"@{login}"
+                        )
+                    self.reporter.react_to(req["owner"], req["repo"], req["comment_id"], "+1")
+                self.store.mark_cancel_request_handled(req["id"])
 
-    def _cancel_requested(self) -> None:
+    def _signal_cancels(self) -> None:
         for run in self.store.list_runs(states=ACTIVE_STATES, limit=500):
             if not run.cancel_requested:
                 continue
             if run.state == "queued":
-                self._end_without_running(run, "canceled", f"canceled by {run.canceled_by} before it started")
-            elif run.id in self.dispatcher.running() and run.id not in self._signaled:
-                self.dispatcher.cancel(run)
+                self._end_without_running(run, "canceled", "canceled before it started")
+            elif run.id in self.dispatcher.active() and run.id not in self._signaled:
                 self._signaled.add(run.id)
+                self.dispatcher.cancel(run)
 
     # -- start and finish ----------------------------------------------------------------------
 
     def _start(self) -> None:
-        capacity = self.settings.MAX_RUNS - len(self.dispatcher.running())
-        if capacity <= 0:
-            return
-        for run in reversed(self.store.list_runs(states=("queued",), limit=500)):
-            if capacity <= 0:
-                break
-            if not run.admitted or run.cancel_requested:
-                continue
-            if not self.store.update_run(run.id, only_if_state=("queued",), state="running", started_at=time.time()):
-                continue
-            pid = self.dispatcher.start(run)
-            self.store.update_run(run.id, worker_pid=pid)
-            run = self.store.get_run(run.id)
-            self.reporter.running(run, [])
-            self.reporter.status(run, "running", f"run #{run.id} running")
-            capacity -= 1
-            # Runs still queued learn their new place in the line.
-        for run in self.store.list_runs(states=("queued",), limit=500):
-            if run.admitted:
-                self.reporter.queued(run)
+        active = self.dispatcher.active()
+        capacity = self.settings.MAX_RUNS - len(active)
+        started = False
+        if capacity > 0:
+            running_prs = {(r.owner, r.repo, r.pr) for r in self.store.list_runs(states=("running",), limit=1000)}
+            for run in reversed(self.store.list_runs(states=("queued",), limit=500)):
+                if capacity <= 0:
+                    break
+                if not run.admitted or run.cancel_requested or (run.owner, run.repo, run.pr) in running_prs:
+                    continue  # a superseded run of this PR is still tearing down: one at a time
+                now = time.time()
+                if not self.store.update_run(run.id, only_if_state=("queued",), state="running", started_at=now):
+                    continue
+                ref = self.dispatcher.start(run)
+                self.store.update_run(run.id, dispatch_ref=ref)
+                run = self.store.get_run(run.id)
+                with self.store.transaction():
+                    self.reporter.running(run, [])
+                    self.reporter.status(run, "running", f"run #{run.id} running")
+                running_prs.add((run.owner, run.repo, run.pr))
+                capacity -= 1
+                started = True
+        if started:  # the runs still queued have moved up the line
+            for run in self.store.list_runs(states=("queued",), limit=500):
+                if run.admitted and not run.cancel_requested:
+                    self.reporter.queued(run)
 
-    def _finish_exited(self) -> None:
-        for exited in self.dispatcher.exited():
-            run = self.store.get_run(exited.run_id)
+    def _finish(self) -> None:
+        for finished in self.dispatcher.poll():
+            run = self.store.get_run(finished.run_id)
             if run is None or run.state != "running":
                 continue
-            files = RunFiles(self.settings.runs_dir, run.id)
-            report = files.read_report()
-            if report is None:
-                report = _empty_report(run, "error")
-                report["notes"] = [f"the run process ended (exit {exited.returncode}) without a report"]
-            self._finalize(run, report)
+            self._finalize(run, self._report_of(run, finished))
             self._progress_seen.pop(run.id, None)
             self._signaled.discard(run.id)
+
+    def _report_of(self, run: Run, finished: Finished) -> dict[str, Any]:
+        report = finished.report
+        interrupted = INTERRUPTED.format(reason=finished.reason, trigger=self.settings.TRIGGER)
+        if report is None:
+            report = _empty_report(run, "error")
+            report["notes"] = [interrupted]
+        elif report.get("status") == "canceled" and not run.cancel_requested:
+            # Nobody asked: the harness was stopped by its parent's death (a worker restart).
+            report.setdefault("notes", []).insert(0, interrupted)
+        return report
 
     def _end_without_running(self, run: Run, status: str, note: str) -> None:
         report = _empty_report(run, status)
         report["notes"] = [note]
-        self.store.update_run(run.id, note=note)
-        self._finalize(self.store.get_run(run.id), report)
+        self._finalize(run, report, note=note)
 
-    def _finalize(self, run: Run, report: dict[str, Any]) -> None:
-        """Record the final state once, then say it on the forge: comment and commit status."""
+    def _finalize(self, run: Run, report: dict[str, Any], note: str | None = None) -> None:
+        """Record the final state and say it on the forge, together and exactly once."""
         status = report["status"]
         assert status in FINAL_STATES
-        if not self.store.update_run(
-            run.id, only_if_state=ACTIVE_STATES, state=status, report=report, finished_at=time.time()
-        ):
-            return  # someone else finished it: exactly one final report
-        run = self.store.get_run(run.id)
         head_sha = None
         if run.sha:
             try:
                 head_sha = self.forge.get_pull(run.owner, run.repo, run.pr).head_sha
             except ForgeError as exc:
                 log.warning("run %s: could not re-read the PR head: %s", run.id, exc)
-        self.reporter.final(run, report, head_sha)
+        with self.store.transaction():
+            changes: dict[str, Any] = {"state": status, "report": report, "finished_at": time.time()}
+            if note is not None:
+                changes["note"] = note
+            if not self.store.update_run(run.id, only_if_state=ACTIVE_STATES, **changes):
+                return  # finished already: exactly one final report
+            self.reporter.final(self.store.get_run(run.id), report, head_sha)
         log.info("run %s finished: %s", run.id, status)
 
     def _refresh_progress(self) -> None:
-        for run_id in self.dispatcher.running():
-            events = RunFiles(self.settings.runs_dir, run_id).read_events()
+        for run_id in self.dispatcher.active():
+            run = self.store.get_run(run_id)
+            if run is None or run.state != "running":
+                continue
+            events = self.dispatcher.progress(run)
             if len(events) == self._progress_seen.get(run_id):
                 continue
             self._progress_seen[run_id] = len(events)
-            run = self.store.get_run(run_id)
-            if run is not None and run.state == "running":
-                self.reporter.running(run, events)
+            self.reporter.running(run, events)
+
+
+def make_dispatcher(settings: Settings, doorbell: Doorbell) -> Dispatcher:
+    """Return the dispatcher ``DISPATCH`` names."""
+    if settings.DISPATCH == "drone":
+        from .dispatch.drone import DroneDispatcher
+
+        return DroneDispatcher(settings)
+    from .dispatch.local import LocalDispatcher
+
+    return LocalDispatcher(settings, doorbell)
 
 
 def _empty_report(run: Run, status: str) -> dict[str, Any]:

@@ -1,1 +1,67 @@
-"""Dispatch: where a run's harness executes — a child process here, or a Drone build."""
+"""Dispatch: where a run's harness executes — a child process here, or a Drone build.
+
+Both dispatchers answer to the worker through the same small interface, ``Dispatcher``. The
+harness is the same code in both places; it leaves its progress and its report in the run's
+directory (``RunFiles``) and also prints them on stdout as ``::ccci-event <json>`` and
+``::ccci-report <json>`` lines, which is how a Drone build's log carries them back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..store import Run
+
+EVENT_PREFIX = "::ccci-event "
+REPORT_PREFIX = "::ccci-report "
+
+
+@dataclass
+class Finished:
+    """A run whose harness ended: its report if one came back, else why not."""
+
+    run_id: int
+    report: dict[str, Any] | None
+    reason: str = ""  # when report is None: what happened instead (exit status, build state)
+
+
+class Dispatcher(Protocol):
+    """What the worker needs from a place that executes runs."""
+
+    def start(self, run: Run) -> str:
+        """Start the harness for ``run``; return a reference kept in ``runs.dispatch_ref``."""
+        ...
+
+    def active(self) -> set[int]:
+        """Return the ids of runs this dispatcher is executing or watching."""
+        ...
+
+    def poll(self) -> list[Finished]:
+        """Return the runs that ended since the last call (each exactly once)."""
+        ...
+
+    def progress(self, run: Run) -> list[dict[str, Any]]:
+        """Return the run's progress events so far."""
+        ...
+
+    def cancel(self, run: Run) -> bool:
+        """Ask the run to stop; it tears down and ends canceled. False if it is not running."""
+        ...
+
+    def adopt(self, run: Run) -> None:
+        """Watch a run started before a restart of the worker (state running, ``dispatch_ref`` set)."""
+        ...
+
+
+def parse_harness_line(line: str) -> tuple[str, dict[str, Any]] | None:
+    """Parse a ``::ccci-event``/``::ccci-report`` line into ("event" | "report", data)."""
+    for prefix, kind in ((EVENT_PREFIX, "event"), (REPORT_PREFIX, "report")):
+        if line.startswith(prefix):
+            try:
+                data = json.loads(line[len(prefix) :])
+            except json.JSONDecodeError:
+                return None
+            return (kind, data) if isinstance(data, dict) else None
+    return None

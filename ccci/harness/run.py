@@ -19,9 +19,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ..config import Settings
+from ..dispatch import EVENT_PREFIX, REPORT_PREFIX
 from ..errors import CcciError, InfraError, RunInterrupted, SpecError
 from ..pipeline.redact import Redactor
 from ..pipeline.report import Report
@@ -79,9 +80,18 @@ def app_domain(settings: Settings, recipe: str) -> str:
 
 
 def execute(
-    settings: Settings, request: RunRequest, *, on_event: Callable[[Event], None] | None = None
+    settings: Settings,
+    request: RunRequest,
+    *,
+    on_event: Callable[[Event], None] | None = None,
+    echo: TextIO | None = None,
 ) -> tuple[dict[str, Any], int]:
-    """Execute one run; return its report (as written to report.json) and the exit code."""
+    """Execute one run; return its report (as written to report.json) and the exit code.
+
+    With ``echo`` (``ccci run``), the log, the progress events and the report are also printed
+    there as they come — events and the report as ``::ccci-event``/``::ccci-report`` lines —
+    which is how a Drone build's log carries them back to the worker.
+    """
     files = RunFiles(settings.runs_dir, request.run_id)
     try:
         guard = install_guard(settings.RUN_TIMEOUT)  # first: from here on, teardown is certain
@@ -98,18 +108,27 @@ def execute(
     janitor = make_janitor(settings)
     log_file = files.log.open("a", encoding="utf-8")
 
+    def write_log(line: str) -> None:
+        log_file.write(line)
+        log_file.flush()
+        if echo:
+            echo.write(line)
+            echo.flush()
+
     def emit(event: Event) -> None:
         if event.kind == "output":
-            log_file.write(f"[{event.step}] {event.text}\n")
-            log_file.flush()
+            write_log(f"[{event.step}] {event.text}\n")
             return
-        files.append_event({k: v for k, v in asdict(event).items() if v is not None})
+        data = {k: v for k, v in asdict(event).items() if v is not None}
+        files.append_event(data)
+        if echo:
+            echo.write(EVENT_PREFIX + json.dumps(data) + "\n")
+            echo.flush()
         if on_event:
             on_event(event)
 
     def say(text: str) -> None:
-        log_file.write(f"[ccci] {redact(text)}\n")
-        log_file.flush()
+        write_log(f"[ccci] {redact(text)}\n")
 
     try:
         janitor.quick()
@@ -190,6 +209,9 @@ def execute(
         report.started_at = report.started_at or started
         data = json.loads(redact(report.to_json()))
         files.write_report(data)
+        if echo:
+            echo.write(REPORT_PREFIX + json.dumps(data) + "\n")
+            echo.flush()
         log_file.close()
         guard.uninstall()
     return data, guard.exit_code(0 if report.passed else 1)

@@ -9,6 +9,7 @@ those when it admits the run, so the forge never waits on the forge.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,19 +70,30 @@ def _allowed_locally(settings: Settings, login: str) -> bool:
 def _test(settings: Settings, store: Store, reporter: Reporter, event: CommentEvent) -> Outcome:
     local = _allowed_locally(settings, event.author)
     if not local and not settings.ALLOWED_ORGS:
-        claimed, _ = store.claim_comment(
-            owner=event.owner, repo=event.repo, comment_id=event.comment_id, action="refused"
-        )
-        if claimed:
-            reporter.refuse(
-                owner=event.owner,
-                repo=event.repo,
-                pr=event.pr,
-                comment_id=event.comment_id,
-                login=event.author,
-                text=refusal_text(event.author, settings.TRIGGER),
+        with store.transaction():
+            claimed, _ = store.claim_comment(
+                owner=event.owner, repo=event.repo, comment_id=event.comment_id, action="refused"
             )
+            if claimed:
+                reporter.refuse(
+                    owner=event.owner,
+                    repo=event.repo,
+                    pr=event.pr,
+                    comment_id=event.comment_id,
+                    login=event.author,
+                    text=refusal_text(event.author, settings.TRIGGER),
+                )
         return Outcome(200, {"result": "refused", "reason": f"{event.author} may not trigger runs"}, claimed)
+    since = time.time() - 3600
+    if store.count_recent_runs(event.author, since) >= settings.RUNS_PER_HOUR:
+        return _reply(
+            store,
+            reporter,
+            event,
+            f"@{event.author}, you have started {settings.RUNS_PER_HOUR} runs in the last hour, which is the "
+            f"limit here. Please try `{settings.TRIGGER}` again in a while.",
+            result="limited",
+        )
     recipe = event.repo
     # The claim, the run and its acknowledgement commit together: all of them or none.
     with store.transaction():
@@ -113,11 +125,12 @@ def _test(settings: Settings, store: Store, reporter: Reporter, event: CommentEv
     return Outcome(202, body, wake_worker=True)
 
 
-def _reply(store: Store, reporter: Reporter, event: CommentEvent, text: str) -> Outcome:
-    claimed, _ = store.claim_comment(owner=event.owner, repo=event.repo, comment_id=event.comment_id, action="reply")
-    if claimed:
-        reporter.reply(owner=event.owner, repo=event.repo, pr=event.pr, comment_id=event.comment_id, text=text)
-    return Outcome(200, {"result": "replied" if claimed else "ignored"}, wake_worker=claimed)
+def _reply(store: Store, reporter: Reporter, event: CommentEvent, text: str, result: str = "replied") -> Outcome:
+    with store.transaction():
+        claimed, _ = store.claim_comment(owner=event.owner, repo=event.repo, comment_id=event.comment_id, action=result)
+        if claimed:
+            reporter.reply(owner=event.owner, repo=event.repo, pr=event.pr, comment_id=event.comment_id, text=text)
+    return Outcome(200, {"result": result if claimed else "ignored"}, wake_worker=claimed)
 
 
 def _cancel(store: Store, event: CommentEvent) -> Outcome:
