@@ -53,6 +53,7 @@ class Settings:
     DOMAIN: str = "ci.localhost"
     MAX_BODY: int = 1024 * 1024
     KEEP_SANDBOX: bool = False
+    SANDBOX_WRITABLE: tuple[str, ...] = ()
 
     @property
     def db_path(self) -> Path:
@@ -112,6 +113,7 @@ DESCRIPTIONS = {
     "DOMAIN": "Test apps are deployed at <recipe>.<DOMAIN>",
     "MAX_BODY": "Largest webhook body accepted, in bytes",
     "KEEP_SANDBOX": "Keep each run's sandbox after it ends, for debugging",
+    "SANDBOX_WRITABLE": "Host paths steps may write besides their checkout and ABRA_DIR (process sandbox)",
 }
 
 _CHOICES = {"DISPATCH": ("local", "drone"), "EXECUTOR": ("auto", "qemu", "local")}
@@ -191,6 +193,9 @@ def _validated(s: Settings) -> Settings:
     for key in ("MAX_RUNS", "RUN_TIMEOUT", "MAX_BODY", "RUNS_PER_HOUR", "LOCK_LEAK_AFTER"):
         if getattr(s, key) < 1:
             raise ConfigError(key, "must be at least 1")
+    for path in s.SANDBOX_WRITABLE:
+        if not path.startswith("/"):
+            raise ConfigError("SANDBOX_WRITABLE", f"{path!r} is not an absolute path")
     if s.LOCK_WAIT < 0:
         raise ConfigError("LOCK_WAIT", "must not be negative")
     if not s.TRIGGER.startswith("!") or any(c.isspace() for c in s.TRIGGER) or len(s.TRIGGER) < 2:

@@ -167,7 +167,8 @@ def execute(
                 "CCCI_RUN": request.run_id,
                 "CCCI_SHA": request.sha or _head_of(box.recipe_dir),
             }
-            executor = choose_executor(settings, pipeline, writable=[box.abra_dir, settings.ABRA_HOME])
+            writable = [box.abra_dir, settings.ABRA_HOME, *map(Path, settings.SANDBOX_WRITABLE)]
+            executor = choose_executor(settings, pipeline, writable=writable)
             say(f"executor: {executor.name}")
             report = run_pipeline(
                 pipeline,

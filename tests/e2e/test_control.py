@@ -1,0 +1,237 @@
+"""Runs under control, end to end: cancel, supersede, restarts after SIGKILL, a forge outage.
+
+The recipe CI used here holds its "work" step until the test creates a release file, so a run
+is reliably mid-step when it is canceled or its processes are killed. Its processes carry a
+token with the run id in their command line, so the test can prove none of them survived.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+SLOW_CI = """\
+timeout: 120
+steps:
+  - name: work
+    timeout: 90
+    run: |
+      touch "$MARKS/started-$CCCI_RUN"
+      exec python3 -c 'import os, sys, time
+      while not os.path.exists(sys.argv[1]): time.sleep(0.02)
+      ' "$MARKS/release" "ccci-token-$CCCI_RUN"
+  - name: teardown
+    teardown: true
+    run: touch "$MARKS/teardown-$CCCI_RUN"
+"""
+
+
+@pytest.fixture
+def slow_world(make_world, tmp_path):
+    recipes = tmp_path / "recipes" / "hello"
+    recipes.mkdir(parents=True)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (recipes / "ci.yml").write_text(SLOW_CI.replace("$MARKS", str(marks)))
+
+    def make(**extra):
+        world = make_world(CCCI_RECIPES_DIR=str(recipes.parent), CCCI_SANDBOX_WRITABLE=str(marks), **extra)
+        world.marks = marks
+        return world
+
+    return make
+
+
+def wait_until(predicate, timeout=60.0, what="condition"):
+    """Wait for a condition that has no event to wait on (files written by other processes)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def token_pids(run_id: int) -> list[int]:
+    """Return the host pids whose command line carries the run's token."""
+    token = f"ccci-token-{run_id}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if token in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def final_comment(world, number: int, word: str):
+    return world.gitea.wait_for(
+        lambda g: next((c for c in world.ccci_comments(number) if word in "\n".join(c.body.splitlines()[:2])), None),
+        timeout=60,
+    )
+
+
+def start_slow_run(world, number: int, user: str = "alice") -> tuple[int, str]:
+    sha = world.open_pr(number)
+    _, payload = world.comment(number, "!testme", user=user)
+    run_id = world.deliver(payload).json()["run"]
+    wait_until(lambda: (world.marks / f"started-{run_id}").exists(), what=f"run {run_id} to start")
+    return run_id, sha
+
+
+def assert_cleaned_up(world, run_id: int) -> None:
+    assert (world.marks / f"teardown-{run_id}").exists(), "teardown did not run"
+    assert token_pids(run_id) == [], "a process of the run survived"
+    locks = world.admin("GET", "/admin/runs").json()["locks"]
+    assert not any(lock["held"] for lock in locks), locks
+
+
+def test_cancel_by_comment_mid_run(slow_world):
+    world = slow_world()
+    run_id, sha = start_slow_run(world, 20)
+    assert token_pids(run_id)
+    _, cancel = world.comment(20, "!testme cancel", user="alice")
+    assert world.deliver(cancel).status_code == 202
+    comment = final_comment(world, 20, "canceled")
+    assert "@alice" in comment.body
+    assert_cleaned_up(world, run_id)
+    run = world.admin("GET", "/admin/runs").json()["runs"][0]
+    assert run["state"] == "canceled" and run["canceled_by"] == "@alice"
+    assert [s["state"] for s in world.gitea.statuses[sha]][-1] == "error"
+    assert len(world.ccci_comments(20)) == 1
+
+
+def test_cancel_by_someone_not_allowed_is_refused(slow_world):
+    world = slow_world()
+    run_id, _ = start_slow_run(world, 21)
+    cancel_id, cancel = world.comment(21, "!testme cancel", user="mallory")
+    world.deliver(cancel)
+    world.gitea.wait_for(lambda g: ("ccci", "confused") in g.reactions.get(cancel_id, []))
+    assert token_pids(run_id), "an outsider's cancel must not stop the run"
+    (world.marks / "release").touch()
+    final_comment(world, 21, "passed")
+
+
+def test_cancel_by_admin_mid_run(slow_world):
+    world = slow_world()
+    run_id, _ = start_slow_run(world, 22)
+    assert requests.post(f"{world.ccci.url}/admin/runs/{run_id}/cancel", timeout=10).status_code == 401
+    assert world.admin("POST", "/admin/runs/99999/cancel").status_code == 404
+    answer = world.admin("POST", f"/admin/runs/{run_id}/cancel", params={"by": "ops"})
+    assert answer.status_code == 202
+    comment = final_comment(world, 22, "canceled")
+    assert "ops" in comment.body
+    assert_cleaned_up(world, run_id)
+    assert world.admin("POST", f"/admin/runs/{run_id}/cancel").status_code == 409
+
+
+def test_a_new_testme_supersedes_the_running_one(slow_world):
+    world = slow_world()
+    first, _ = start_slow_run(world, 23)
+    _, payload = world.comment(23, "!testme")
+    second = world.deliver(payload).json()["run"]
+    older = final_comment(world, 23, f"superseded by run #{second}")
+    assert "<details>" in older.body and f"<!-- ccci:run={first} -->" in older.body
+    assert_cleaned_up(world, first)
+    # One run per PR at a time: the newer run started only after the older one tore down.
+    wait_until(lambda: (world.marks / f"started-{second}").exists(), what="the newer run to start")
+    assert (world.marks / f"started-{second}").stat().st_mtime >= (world.marks / f"teardown-{first}").stat().st_mtime
+    (world.marks / "release").touch()
+    newer = world.gitea.wait_for(
+        lambda g: next(
+            (c for c in world.ccci_comments(23) if f"ccci:run={second}" in c.body and "passed" in c.body), None
+        ),
+        timeout=60,
+    )
+    assert newer is not None
+    states = {r["id"]: r["state"] for r in world.admin("GET", "/admin/runs").json()["runs"]}
+    assert states == {first: "canceled", second: "passed"}
+
+
+def test_per_user_hourly_limit_is_a_friendly_refusal(slow_world):
+    world = slow_world(CCCI_RUNS_PER_HOUR="1")
+    (world.marks / "release").touch()
+    sha = world.open_pr(24)
+    _, payload = world.comment(24, "!testme")
+    assert world.deliver(payload).status_code == 202
+    world.gitea.wait_for(lambda g: "success" in [s["state"] for s in g.statuses.get(sha, [])], timeout=60)
+    limited_id, payload = world.comment(24, "!testme")
+    answer = world.deliver(payload)
+    assert answer.json()["result"] == "limited"
+    world.gitea.wait_for(lambda g: any("limit" in c.body for c in world.ccci_comments(24)))
+    assert len(world.admin("GET", "/admin/runs").json()["runs"]) == 1
+
+
+def _child_pids(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in children.read_text().split()] if children.exists() else []
+
+
+def _ccci_worker_pid(serve_pid: int) -> int:
+    for child in _child_pids(serve_pid):
+        if b"worker" in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
+            return child
+    raise AssertionError("no ccci worker under serve")
+
+
+@pytest.mark.parametrize("victim", ["worker", "server"])
+def test_sigkill_mid_run_then_restart_gives_exactly_one_report_per_run(slow_world, victim):
+    world = slow_world(CCCI_MAX_RUNS="1")
+    running, sha = start_slow_run(world, 25)
+    queued_sha = world.open_pr(26)
+    _, payload = world.comment(26, "!testme")
+    queued = world.deliver(payload).json()["run"]
+    world.gitea.wait_for(lambda g: g.statuses.get(queued_sha))  # admitted and acknowledged
+
+    serve_pid = world.ccci.proc.pid
+    if victim == "worker":
+        os.kill(_ccci_worker_pid(serve_pid), signal.SIGKILL)
+    else:
+        os.killpg(serve_pid, signal.SIGKILL)  # gunicorn master, its workers and the ccci worker
+    # The harness learns of its parent's death (PDEATHSIG) and tears down on its own.
+    wait_until(lambda: (world.marks / f"teardown-{running}").exists(), what="the orphaned run's teardown")
+    wait_until(lambda: not token_pids(running), what="the run's processes to end")
+    world.ccci.stop(signal.SIGKILL)
+    (world.marks / "release").touch()
+    world.ccci.start()
+
+    interrupted = final_comment(world, 25, "canceled")
+    assert "interrupted" in interrupted.body and "!testme" in interrupted.body
+    final_comment(world, 26, "passed")  # the queued run resumed
+    assert_cleaned_up(world, running)
+    runs = {r["id"]: r for r in world.admin("GET", "/admin/runs").json()["runs"]}
+    assert runs[running]["state"] == "canceled" and runs[queued]["state"] == "passed"
+    # Exactly one final report each: one comment per run, one final status per sha.
+    assert len(world.ccci_comments(25)) == 1 and len(world.ccci_comments(26)) == 1
+    for s in (sha, queued_sha):
+        finals = [x["state"] for x in world.gitea.statuses[s] if x["state"] != "pending"]
+        assert len(finals) == 1, finals
+
+
+def test_forge_down_for_a_while_then_everything_arrives(slow_world):
+    world = slow_world()
+    (world.marks / "release").touch()
+    sha = world.open_pr(27)
+    comment_id, payload = world.comment(27, "!testme")
+    world.gitea.set_down(True)
+    answer = world.deliver(payload)
+    assert answer.status_code == 202  # the webhook never waits on the forge
+    world.gitea.wait_for(lambda g: len(g.api_calls()) >= 2)  # the worker tried, and failed
+    assert not world.gitea.statuses and not world.ccci_comments(27)
+    world.gitea.set_down(False)
+    world.gitea.wait_for(lambda g: "success" in [s["state"] for s in g.statuses.get(sha, [])], timeout=90)
+    final_comment(world, 27, "passed")
+    assert ("ccci", "eyes") in world.gitea.reactions[comment_id]
+    assert [s["state"] for s in world.gitea.statuses[sha]][0] == "pending"
+    assert len(world.ccci_comments(27)) == 1
