@@ -235,3 +235,19 @@ def test_forge_down_for_a_while_then_everything_arrives(slow_world):
     assert ("ccci", "eyes") in world.gitea.reactions[comment_id]
     assert [s["state"] for s in world.gitea.statuses[sha]][0] == "pending"
     assert len(world.ccci_comments(27)) == 1
+
+
+def test_a_second_run_of_the_same_app_waits_visibly_and_never_overlaps(slow_world):
+    world = slow_world(CCCI_MAX_RUNS="2")
+    first, _ = start_slow_run(world, 28)
+    second_sha = world.open_pr(29)  # another PR of the same recipe: the same app domain
+    _, payload = world.comment(29, "!testme")
+    second = world.deliver(payload).json()["run"]
+    waiting = world.gitea.wait_for(
+        lambda g: next((c for c in world.ccci_comments(29) if f"held by run {first}" in c.body), None), timeout=60
+    )
+    assert "hello.ci.localhost" in waiting.body
+    assert not (world.marks / f"started-{second}").exists()
+    (world.marks / "release").touch()
+    world.gitea.wait_for(lambda g: "success" in [s["state"] for s in g.statuses.get(second_sha, [])], timeout=60)
+    assert (world.marks / f"started-{second}").stat().st_mtime >= (world.marks / f"teardown-{first}").stat().st_mtime

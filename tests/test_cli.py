@@ -1,0 +1,127 @@
+"""The command line, run as a person would: real subprocesses, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ccci.store import Store
+from tests.fakes.gitrepo import git
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ccci(*args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ccci", *args], env=env, cwd=cwd or ROOT, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
+@pytest.fixture
+def env(tmp_path):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CCCI_")}
+    return {**base, "PYTHONPATH": str(ROOT), "CCCI_STATE_DIR": str(tmp_path / "state"),
+            "CCCI_LOCK_DIR": str(tmp_path / "locks"), "CCCI_ABRA_HOME": str(tmp_path / "abra"),
+            "CCCI_EXECUTOR": "local"}  # fmt: skip
+
+
+@pytest.fixture
+def checkout(tmp_path) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "README.md").write_text("a recipe\n")
+    git("init", "-q", str(src))
+    git("add", ".", cwd=src)
+    git("commit", "-qm", "recipe", cwd=src)
+    return src
+
+
+def test_test_passes_on_the_hello_recipe_and_prints_json(env, checkout):
+    done = ccci("test", "hello", "--source", str(checkout), "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["status"] == "passed" and report["passed"] is True
+    assert report["sha"] == git("rev-parse", "HEAD", cwd=checkout)
+    assert {s["name"] for s in report["steps"]} == {"deploy", "checkout", "config", "metrics", "teardown"}
+    assert "✅ deploy" in done.stderr  # live progress on the terminal
+
+
+def test_test_fails_with_exit_1_and_a_directory_recipe(env, checkout, tmp_path):
+    recipe = tmp_path / "failing"
+    recipe.mkdir()
+    (recipe / "ci.yml").write_text("steps:\n  - name: boom\n    run: echo doomed; exit 3\n")
+    done = ccci("test", str(recipe), "--source", str(checkout), env=env)
+    assert done.returncode == 1
+    assert "failed" in done.stderr
+
+
+def test_an_invalid_ci_yml_is_an_error_naming_the_file(env, checkout, tmp_path):
+    recipe = tmp_path / "broken"
+    recipe.mkdir()
+    (recipe / "ci.yml").write_text("steps:\n  - name: a\n    run: true\n    needz: [b]\n")
+    done = ccci("test", str(recipe), "--source", str(checkout), "--json", env=env)
+    assert done.returncode == 1
+    report = json.loads(done.stdout)
+    assert report["status"] == "error" and "needz" in report["notes"][0] and "ci.yml" in report["notes"][0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["test", "Bad Name!", "--source", "."], "not a recipe name"),
+        (
+            ["run", "--run-id", "1", "--recipe", "hello", "--clone-url", "http://x/y.git", "--pr", "1", "--sha", "abc"],
+            "40-hex",
+        ),
+        (["run", "--run-id", "1"], "missing"),
+    ],
+)
+def test_bad_input_is_refused_clearly(env, args, message):
+    done = ccci(*args, env=env)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_config_error_names_the_key(env):
+    done = ccci("runs", env={**env, "CCCI_MAX_RUNS": "lots"})
+    assert done.returncode == 2 and "MAX_RUNS" in done.stderr
+
+
+def test_runs_and_cancel_work_on_the_store(env, tmp_path):
+    store = Store(tmp_path / "state" / "ccci.db")
+    _, run = store.claim_comment(owner="o", repo="hello", comment_id=1, action="test",
+                                 run={"pr": 4, "recipe": "hello", "requester": "alice"})  # fmt: skip
+    listed = ccci("runs", "--json", env=env)
+    assert [r["id"] for r in json.loads(listed.stdout)] == [run.id]
+    assert "o/hello#4" in ccci("runs", env=env).stdout
+    done = ccci("cancel", str(run.id), env=env)
+    assert done.returncode == 0 and "cancel requested" in done.stdout
+    assert store.get_run(run.id).cancel_requested == 1
+    store.update_run(run.id, state="canceled")
+    again = ccci("cancel", str(run.id), env=env)
+    assert again.returncode == 1 and "already finished" in again.stderr
+    assert "no run 999" in ccci("cancel", "999", env=env).stderr
+
+
+def test_sweep_removes_a_dead_runs_sandbox_and_reports_it(env, tmp_path):
+    victim = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from ccci.harness.sandbox import RunSandbox\n"
+         "box = RunSandbox(Path(sys.argv[1]), Path(sys.argv[2]), 'hello').__enter__()\n"
+         "print(box.abra_dir, flush=True); sys.stdin.read()",
+         str(tmp_path / "state" / "runs" / "41"), str(tmp_path / "abra")],
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    abra_dir = Path(victim.stdout.readline().strip())
+    assert abra_dir.is_dir()
+    live = ccci("sweep", env=env)
+    assert json.loads(live.stdout)["removed_sandboxes"] == [] and abra_dir.is_dir()  # the owner lives
+    victim.kill()
+    victim.communicate()
+    swept = json.loads(ccci("sweep", env=env).stdout)
+    assert any("41" in p for p in swept["removed_sandboxes"])
+    assert not abra_dir.exists()
