@@ -202,14 +202,14 @@ def _validated(s: Settings) -> Settings:
         raise ConfigError("TRIGGER", f"must be one word starting with '!', got {s.TRIGGER!r}")
     for key in ("ALLOWED_USERS", "ALLOWED_ORGS"):
         for login in getattr(s, key):
-            if not _LOGIN.match(login):
+            if not _LOGIN.fullmatch(login):
                 raise ConfigError(key, f"{login!r} is not a forge login")
-    if s.DRONE_REPO and not re.match(r"^[\w.-]+/[\w.-]+$", s.DRONE_REPO):
+    if s.DRONE_REPO and not re.fullmatch(r"[\w.-]+/[\w.-]+", s.DRONE_REPO):
         raise ConfigError("DRONE_REPO", f"must be owner/name, got {s.DRONE_REPO!r}")
     if s.DISPATCH == "drone":
         for key in ("DRONE_URL", "DRONE_TOKEN", "DRONE_REPO"):
             if not getattr(s, key):
                 raise ConfigError(key, "is required when DISPATCH is drone")
-    if not re.match(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$", s.DOMAIN):
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", s.DOMAIN):
         raise ConfigError("DOMAIN", f"must be a DNS name, got {s.DOMAIN!r}")
     return s

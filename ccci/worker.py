@@ -22,7 +22,7 @@ from typing import Any
 from .config import Settings
 from .dispatch import Dispatcher, Finished
 from .doorbell import Doorbell
-from .errors import ForgeError
+from .errors import CcciError, ForgeError, TransientInfraError
 from .intake.policy import authorize, refusal_text
 from .outbox import Courier
 from .reporter import Reporter
@@ -222,7 +222,20 @@ class Worker:
                 now = time.time()
                 if not self.store.update_run(run.id, only_if_state=("queued",), state="running", started_at=now):
                     continue
-                ref = self.dispatcher.start(run)
+                try:
+                    ref = self.dispatcher.start(run)
+                except TransientInfraError as exc:  # e.g. Drone down: nothing new was started
+                    log.warning("run %s: could not start, will retry: %s", run.id, exc)
+                    self.store.update_run(run.id, only_if_state=("running",), state="queued", started_at=None)
+                    break  # don't hit a dispatcher that is down with the rest of the queue this pass
+                except CcciError as exc:  # configuration, a refused parameter, a permanent failure
+                    log.error("run %s: cannot start: %s", run.id, exc)
+                    self._end_without_running(run, "error", f"ccci could not start this run: {exc}")
+                    continue
+                except Exception:  # a bug: still exactly one final report
+                    log.exception("run %s: starting failed", run.id)
+                    self._end_without_running(run, "error", "ccci failed to start this run (see the worker log)")
+                    continue
                 self.store.update_run(run.id, dispatch_ref=ref)
                 run = self.store.get_run(run.id)
                 with self.store.transaction():

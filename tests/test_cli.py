@@ -125,3 +125,10 @@ def test_sweep_removes_a_dead_runs_sandbox_and_reports_it(env, tmp_path):
     swept = json.loads(ccci("sweep", env=env).stdout)
     assert any("41" in p for p in swept["removed_sandboxes"])
     assert not abra_dir.exists()
+
+
+@pytest.mark.parametrize("sha", ["a" * 40 + "\n", "A" * 40, "a" * 39])
+def test_run_refuses_a_sha_that_is_not_exactly_40_hex(env, sha):
+    done = ccci("run", "--run-id", "1", "--recipe", "hello", "--clone-url", "http://x/y.git", "--pr", "1",
+                "--sha", sha, env=env)  # fmt: skip
+    assert done.returncode == 1 and "40-hex" in done.stderr

@@ -127,7 +127,7 @@ class HeldLock:
 
 def lock_path(lock_dir: Path, app_domain: str) -> Path:
     """Return the lock file of ``app_domain``; refuse a name that is not a plain DNS name."""
-    if not DOMAIN.match(app_domain):
+    if not DOMAIN.fullmatch(app_domain):
         raise ValueError(f"{app_domain!r} is not an app domain (lowercase DNS name)")
     return lock_dir / (app_domain + SUFFIX)
 

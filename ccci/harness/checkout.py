@@ -23,7 +23,7 @@ GIT_TIMEOUT = 300
 
 def checkout_pull(clone_url: str, pr: int, sha: str, dest: Path, *, forge_url: str = "", token: str = "") -> None:
     """Fetch ``refs/pull/<pr>/head`` from ``clone_url`` into ``dest`` and check out ``sha``."""
-    if not SHA.match(sha):
+    if not SHA.fullmatch(sha):
         raise PermanentInfraError(f"refusing to check out {sha!r}: not a 40-hex commit id")
     dest.mkdir(parents=True, exist_ok=True)
     env = _git_env(clone_url, forge_url, token)

@@ -57,11 +57,11 @@ class RunRequest:
     def checked(cls, **fields: Any) -> RunRequest:
         """Build a request, refusing values that could escape a path or a command line."""
         request = cls(**{**fields, "run_id": str(fields["run_id"])})
-        if not RUN_ID.match(request.run_id):
+        if not RUN_ID.fullmatch(request.run_id):
             raise CcciError(f"run id {request.run_id!r} is not a plain identifier")
-        if not RECIPE_NAME.match(request.recipe):
+        if not RECIPE_NAME.fullmatch(request.recipe):
             raise CcciError(f"recipe {request.recipe!r} is not a recipe name (lowercase letters, digits, . _ -)")
-        if request.source is None and not re.match(r"^[0-9a-f]{40}$", request.sha):
+        if request.source is None and not re.fullmatch(r"[0-9a-f]{40}", request.sha):
             raise CcciError(f"sha {request.sha!r} is not a 40-hex commit id")
         return request
 
@@ -177,7 +177,7 @@ def execute(
                 env,
                 on_event=emit,
                 secrets=settings.secrets(),
-                run=request.run_id,
+                run=_report_run_id(request.run_id),
                 recipe=request.recipe,
                 sha=env["CCCI_SHA"],
                 on_teardown=guard.begin_teardown,
@@ -234,9 +234,14 @@ def _head_of(checkout: Path) -> str:
     return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
+def _report_run_id(run_id: str) -> int | str:
+    """Return the run id as the report contract has it: a number for forge runs."""
+    return int(run_id) if run_id.isdigit() else run_id
+
+
 def _stopped_report(request: RunRequest, status: str, note: str) -> Report:
     return Report(
-        run=request.run_id,
+        run=_report_run_id(request.run_id),
         recipe=request.recipe,
         sha=request.sha,
         status=status,
@@ -271,7 +276,7 @@ def reap_app(settings: Settings, holder: Any) -> None:
     from ..vm.process import ProcessExecutor
 
     recipe = getattr(holder, "recipe", "") or ""
-    if not RECIPE_NAME.match(recipe):
+    if not RECIPE_NAME.fullmatch(recipe):
         log.warning("cannot reap %s: its lock names no valid recipe", holder)
         return
     pipeline = load_pipeline(ci_file_for(settings, RunRequest(run_id="reap", recipe=recipe)))

@@ -54,7 +54,7 @@ class RunSandbox:
     """
 
     def __init__(self, run_dir: Path, abra_home: Path, recipe: str, *, keep: bool = False):
-        if not RECIPE.match(recipe):
+        if not RECIPE.fullmatch(recipe):
             raise ValueError(f"{recipe!r} is not a recipe name")
         self.run_dir = run_dir
         self.abra_home = abra_home

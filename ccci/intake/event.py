@@ -85,14 +85,14 @@ def parse_event(
         raise MalformedEvent("is_pull must be true or false")
 
     for what, value in (("repository.owner.login", owner), ("repository.name", repo)):
-        if not _NAME.match(value):
+        if not _NAME.fullmatch(value):
             raise MalformedEvent(f"{what} {_short(value)!r} is not a safe repository name")
     if full_name.lower() != f"{owner}/{repo}".lower():
         raise MalformedEvent("repository.full_name does not match owner and name")
-    if not _LOGIN.match(author):
+    if not _LOGIN.fullmatch(author):
         raise MalformedEvent(f"comment.user.login {_short(author)!r} is not a forge login")
     # The URL is handed to git: http(s) only, never ext:: or file:// or a local path.
-    if not re.match(r"^https?://[^\s/]+/\S*$", clone_url):
+    if not re.fullmatch(r"https?://[^\s/]+/\S*", clone_url):
         raise MalformedEvent("repository.clone_url is not an http(s) URL")
     pr_url = _pr_url(issue, pull_meta)
 

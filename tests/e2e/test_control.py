@@ -251,3 +251,35 @@ def test_a_second_run_of_the_same_app_waits_visibly_and_never_overlaps(slow_worl
     (world.marks / "release").touch()
     world.gitea.wait_for(lambda g: "success" in [s["state"] for s in g.statuses.get(second_sha, [])], timeout=60)
     assert (world.marks / f"started-{second}").stat().st_mtime >= (world.marks / f"teardown-{first}").stat().st_mtime
+
+
+def test_the_report_says_when_the_pr_head_moved_during_the_run(slow_world):
+    world = slow_world()
+    run_id, sha = start_slow_run(world, 30)
+    newer = world.repo.push_pr(30, {"more.txt": "pushed while the run ran\n"})
+    world.gitea.move_head("coop-cloud", "hello", 30, newer)
+    (world.marks / "release").touch()
+    comment = final_comment(world, 30, "passed")
+    assert "Stale" in comment.body and newer[:10] in comment.body and sha[:10] in comment.body
+    # The status belongs to the commit that was tested, not to the new head.
+    assert [s["state"] for s in world.gitea.statuses[sha]][-1] == "success"
+    assert newer not in world.gitea.statuses
+
+
+def test_admin_runs_filters(slow_world):
+    world = slow_world()
+    (world.marks / "release").touch()
+    for number in (31, 32):
+        sha = world.open_pr(number)
+        _, payload = world.comment(number, "!testme")
+        world.deliver(payload)
+        world.gitea.wait_for(lambda g, sha=sha: "success" in [s["state"] for s in g.statuses.get(sha, [])], timeout=60)
+    runs = world.admin("GET", "/admin/runs", params={"pr": 32}).json()["runs"]
+    assert [r["pr"] for r in runs] == [32]
+    assert len(world.admin("GET", "/admin/runs", params={"state": "passed", "recipe": "hello"}).json()["runs"]) == 2
+    assert world.admin("GET", "/admin/runs", params={"state": "running"}).json()["runs"] == []
+    assert world.admin("GET", "/admin/runs", params={"repo": "coop-cloud/other"}).json()["runs"] == []
+    bad = world.admin("GET", "/admin/runs", params={"state": "exploded"})
+    assert bad.status_code == 400 and "exploded" in bad.json()["error"]
+    assert requests.get(world.ccci.url + "/admin/runs", timeout=10).status_code == 401
+    assert 'ccci_runs{state="passed"} 2' in requests.get(world.ccci.url + "/metrics", timeout=10).text
