@@ -12,6 +12,7 @@ import secrets
 from pathlib import Path
 
 import pytest
+import requests
 
 from ccci.config import load_settings
 from ccci.dispatch.drone import DroneDispatcher
@@ -159,3 +160,23 @@ def test_canceling_a_drone_build_kills_the_step_shell_and_the_harness_still_tear
     assert not processes_with(f"sleep {naptime}") and not processes_with("--run-id 42 ")
     assert not (tmp_path / "runner-state" / "runs" / "42" / "abra").exists()  # the run's sandbox is gone
     assert list((tmp_path / "locks").glob("*")) == []  # the app lock was released
+
+
+def test_testme_through_gunicorn_and_the_worker_on_drone(make_world, tmp_path):
+    """The whole path with DISPATCH=drone: webhook → worker → Drone build → harness → report comment."""
+    with FakeDrone(execute=True, commands=harness_command()) as drone:
+        world = make_world(
+            CCCI_DISPATCH="drone", CCCI_DRONE_URL=drone.url, CCCI_DRONE_TOKEN=drone.token, CCCI_DRONE_REPO=drone.repo
+        )
+        # The runner host has its own config (its own state); it reaches the same fake forge.
+        drone.environment["CCCI_CONFIG"] = str(runner_config(tmp_path, world.gitea))
+        sha = world.open_pr(7)
+        comment_id, payload = world.comment(7, "!testme")
+        run_id = world.deliver(payload).json()["run"]
+        world.gitea.wait_for(lambda g: "success" in [s["state"] for s in g.statuses.get(sha, [])], timeout=120)
+        [call] = drone.api_calls("POST")
+        assert call.query["CCCI_RUN"] == str(run_id) and call.query["CCCI_SHA"] == sha
+        [comment] = world.ccci_comments(7)
+        assert "passed" in comment.body and f"ccci:run={run_id}" in comment.body
+        log = requests.get(f"{world.ccci.url}/runs/{run_id}/log", timeout=10).text
+        assert "[deploy] deployed hello" in log  # the Drone step's log, mirrored for the run page
