@@ -28,8 +28,8 @@ keepalive = 2
 # with the key at fault, instead of every worker crashing in a loop. This is safe because
 # ccci's Store opens its SQLite connections per process, lazily (ccci/store.py); the one the
 # master opened to create the schema is closed before the first fork (when_ready below).
-# The price: SIGHUP re-reads this file and replaces the workers, but not the code. Deploy new
-# code with a restart (see deploy/README.md).
+# The price: SIGHUP re-reads this file and replaces the workers, but the code and ccci's
+# settings stay those the master loaded. Change either with a restart (see deploy/README.md).
 preload_app = True
 
 # Recycle workers now and then so a slow leak cannot grow without bound; the jitter keeps them
