@@ -14,11 +14,9 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,47 +24,13 @@ import pytest
 import yaml
 
 from ccci.config import Settings, load_settings
+from tests.support import ROOT, free_port, stop, wait_for_port
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 VENV_BIN = Path(sys.executable).parent
 INSTALL_ROOT = "/opt/ccci"  # where the units expect the checkout
 CERT = "/etc/letsencrypt/live/ci.example.org/fullchain.pem"
 KEY = "/etc/letsencrypt/live/ci.example.org/privkey.pem"
-
-
-def free_port() -> int:
-    """Return a free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, what: str, deadline: float = 30) -> None:
-    """Wait until something accepts connections on ``port``; fail if ``proc`` dies first."""
-    end = time.monotonic() + deadline
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > end:
-            raise AssertionError(f"{what} did not start listening on {port} (exit {proc.poll()})")
-        time.sleep(0.05)  # a port opening has no event to wait on from here
-
-
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """Stop a process group started with start_new_session and reap its leader."""
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def app_env(tmp_path: Path) -> dict[str, str]:

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from ccci.store import Store
-from tests.test_deploy import ROOT, free_port, stop, wait_for_port
+from tests.support import ROOT, free_port, stop, wait_for_port
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # Chromium reaches out to Google services unless told not to; here the only network is loopback.

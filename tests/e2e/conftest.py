@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,18 +24,12 @@ import requests
 from tests.fakes import sign
 from tests.fakes.gitea import FakeGitea
 from tests.fakes.gitrepo import RecipeRepo, make_recipe_repo
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "e2e-webhook-secret-0123456789"
 ADMIN = "e2e-admin-token-0123456789"
 OWNER, REPO = "coop-cloud", "hello"
-
-
-def free_port() -> int:
-    """Return a free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class CcciServer:

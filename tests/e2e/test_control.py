@@ -262,7 +262,7 @@ def test_the_report_says_when_the_pr_head_moved_during_the_run(slow_world):
     comment = final_comment(world, 30, "passed")
     assert "Stale" in comment.body and newer[:10] in comment.body and sha[:10] in comment.body
     # The status belongs to the commit that was tested, not to the new head.
-    assert [s["state"] for s in world.gitea.statuses[sha]][-1] == "success"
+    world.gitea.wait_for(lambda g: [s["state"] for s in g.statuses[sha]][-1] == "success")
     assert newer not in world.gitea.statuses
 
 
