@@ -1,0 +1,80 @@
+"""A run in a QEMU microVM fork, canceled mid-step through the admin API: the machine is gone.
+
+Real QEMU (TCG here); the guest image comes from the VM suite's cache, so this costs a fork,
+not a build. Skipped with the reason where QEMU is not installed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.e2e.test_control import final_comment, wait_until
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 is not installed"),
+]
+
+VM_CI = """\
+timeout: 300
+steps:
+  - name: work
+    timeout: 200
+    run: echo "working in $(hostname)"; sleep 250
+  - name: teardown
+    teardown: true
+    run: echo torn down in $(hostname)
+"""
+
+
+def qemu_pids(state_dir: Path) -> list[int]:
+    """Return the QEMU processes whose command line mentions ``state_dir``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "qemu-system" in argv and str(state_dir) in argv:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_cancel_a_run_in_a_microvm_fork(make_world, tmp_path):
+    from ccci.vm.image import build_image
+    from tests.vm.conftest import CACHE
+
+    build_image("tiny", CACHE, progress=lambda _m: None)
+    state = tmp_path / "state"
+    (state / "vm").mkdir(parents=True)
+    (state / "images").symlink_to(CACHE / "images")
+    (CACHE / "vm" / "bases").mkdir(parents=True, exist_ok=True)
+    (state / "vm" / "bases").symlink_to(CACHE / "vm" / "bases")
+    recipes = tmp_path / "recipes" / "hello"
+    recipes.mkdir(parents=True)
+    (recipes / "ci.yml").write_text(VM_CI)
+
+    world = make_world(CCCI_EXECUTOR="qemu", CCCI_RECIPES_DIR=str(recipes.parent))
+    world.open_pr(50)
+    _, payload = world.comment(50, "!testme")
+    run_id = world.deliver(payload).json()["run"]
+    log_url = f"{world.ccci.url}/runs/{run_id}/log"
+    wait_until(lambda: "[work] working in" in requests.get(log_url, timeout=10).text, timeout=120,
+               what="the step to run in the VM")  # fmt: skip
+    assert qemu_pids(state), "the step is not running in a QEMU fork"
+
+    assert world.admin("POST", f"/admin/runs/{run_id}/cancel").status_code == 202
+    final_comment(world, 50, "canceled")
+    report = requests.get(f"{world.ccci.url}/runs/{run_id}", headers={"Accept": "application/json"}, timeout=10)
+    steps = {s["name"]: s for s in report.json()["report"]["steps"]}
+    assert steps["work"]["status"] == "canceled" and steps["teardown"]["status"] == "passed"
+    assert "torn down in" in steps["teardown"]["stdout"]
+    wait_until(lambda: not qemu_pids(state), timeout=30, what="QEMU to exit")
+    leftovers = [p.name for p in (state / "vm").iterdir() if p.name.startswith(("fork-", "ckpt-"))]
+    assert leftovers == []
+    assert not any(lock["held"] for lock in world.admin("GET", "/admin/runs").json()["locks"])

@@ -1,0 +1,126 @@
+"""``POST /hooks/forge`` through the real Flask app and store: every refusal, every ignore."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ccci.config import load_settings
+from ccci.store import Store
+from ccci.web import create_app
+from tests.fakes import DELETE, delivery, load_payload, sign
+
+SECRET = "hook-secret-0123456789"
+
+
+@pytest.fixture
+def app_factory(tmp_path):
+    def make(**settings):
+        values = {"STATE_DIR": tmp_path / "state", "WEBHOOK_SECRET": SECRET, "ALLOWED_USERS": ("alice",), **settings}
+        return create_app(load_settings({}, **values))
+
+    return make
+
+
+@pytest.fixture
+def client(app_factory):
+    return app_factory().test_client()
+
+
+def post(client, headers, body):
+    return client.post("/hooks/forge", data=body, headers=headers)
+
+
+def store_of(client) -> Store:
+    return client.application.extensions["ccci"].store
+
+
+def as_alice(name: str, **overrides):
+    return delivery(name, SECRET, comment__user__login="alice", sender__login="alice", **overrides)
+
+
+def test_a_signed_testme_is_queued_with_its_run_id_and_acknowledgement(client):
+    headers, body = as_alice("gitea_pr_comment_created", comment__body="!testme")
+    answer = post(client, headers, body)
+    assert answer.status_code == 202
+    run = store_of(client).get_run(answer.json["run"])
+    assert answer.json["result"] == "queued" and run.requester == "alice" and run.state == "queued"
+    assert [i.kind for i in store_of(client).pending_outbox()] == ["reaction", "run_comment"]
+
+
+def test_forgejo_headers_are_accepted(client):
+    headers, body = as_alice("forgejo_pr_comment_created", forge="forgejo", comment__body="!testme")
+    headers = {k: v for k, v in headers.items() if not k.startswith("X-Gitea")}  # Forgejo's own names only
+    assert post(client, headers, body).status_code == 202
+
+
+def test_without_a_configured_secret_every_delivery_is_refused(app_factory):
+    client = app_factory(WEBHOOK_SECRET="").test_client()
+    for secret in ("", SECRET):
+        headers, body = as_alice("gitea_pr_comment_created", comment__body="!testme")
+        headers = sign(body, secret)
+        answer = post(client, headers, body)
+        assert answer.status_code == 401 and "WEBHOOK_SECRET" in answer.json["error"]
+    assert store_of(client).list_runs() == []
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda h, b: ({k: v for k, v in h.items() if "Signature" not in k}, b),  # unsigned
+        lambda h, b: (h, b + b" "),  # body changed after signing
+        lambda h, b: ({**h, "X-Gitea-Signature": "0" * 64}, b),  # a forged header beside good ones
+    ],
+)
+def test_bad_signatures_are_401_and_record_nothing(client, mutate):
+    headers, body = mutate(*as_alice("gitea_pr_comment_created", comment__body="!testme"))
+    assert post(client, headers, body).status_code == 401
+    assert store_of(client).list_runs() == [] and store_of(client).outbox_backlog() == 0
+
+
+def test_a_body_over_the_limit_is_413(app_factory):
+    client = app_factory(MAX_BODY=2048).test_client()
+    payload = load_payload("gitea_pr_comment_created", comment__body="!testme\n" + "x" * 4096)
+    body = json.dumps(payload).encode()
+    answer = post(client, sign(body, SECRET), body)
+    assert answer.status_code == 413 and "2048" in answer.json["error"]
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", "é".encode("latin-1")])
+def test_malformed_bodies_are_400(client, body):
+    assert post(client, sign(body, SECRET), body).status_code == 400
+
+
+def test_an_issue_comment_missing_fields_is_400(client):
+    headers, body = delivery("gitea_pr_comment_created", SECRET, comment=DELETE)
+    assert post(client, headers, body).status_code == 400
+
+
+@pytest.mark.parametrize(
+    "name, overrides, event, reason",
+    [
+        ("gitea_push", {}, "push", "push"),
+        ("gitea_pr_comment_edited", {"comment__body": "!testme"}, "issue_comment", "edited"),
+        ("gitea_issue_comment_not_pr", {"comment__body": "!testme"}, "issue_comment", "not a pull request"),
+        ("gitea_pr_closed_comment", {"comment__body": "!testme"}, "issue_comment", "closed"),
+        ("gitea_pr_comment_created", {"comment__body": "> !testme"}, "issue_comment", "no command"),
+        ("gitea_pr_comment_created", {"comment__body": "!testmexyz"}, "issue_comment", "no command"),
+        ("gitea_pr_comment_created", {"comment__body": "<!-- ccci:run=4 -->\n!testme"}, "issue_comment", "ccci"),
+    ],
+)
+def test_everything_else_is_2xx_ignored_with_a_reason(client, name, overrides, event, reason):
+    headers, body = delivery(name, SECRET, event=event, **overrides)
+    answer = post(client, headers, body)
+    assert answer.status_code == 200 and answer.json["result"] == "ignored"
+    assert reason in answer.json["reason"]
+    assert store_of(client).list_runs() == [] and store_of(client).outbox_backlog() == 0
+
+
+def test_unknown_arguments_get_a_usage_reply_once(client):
+    headers, body = as_alice("gitea_pr_comment_created", comment__body="!testme please")
+    assert post(client, headers, body).json["result"] == "replied"
+    assert post(client, headers, body).json["result"] == "ignored"  # redelivered: no second reply
+    comments = [i for i in store_of(client).pending_outbox() if i.kind == "comment"]
+    assert len(comments) == 1 and "!testme cancel" in comments[0].payload["body"]
+    assert store_of(client).list_runs() == []
