@@ -24,7 +24,7 @@ steps:
       touch "$MARKS/started-$CCCI_RUN"
       exec python3 -c 'import os, sys, time
       while not os.path.exists(sys.argv[1]): time.sleep(0.02)
-      ' "$MARKS/release" "ccci-token-$CCCI_RUN"
+      ' "$MARKS/release" "ccci-token-$MARKS-$CCCI_RUN"
   - name: teardown
     teardown: true
     run: touch "$MARKS/teardown-$CCCI_RUN"
@@ -61,9 +61,9 @@ def wait_until(predicate, timeout=60.0, what="condition"):
         delay = min(delay * 2, 0.2)
 
 
-def token_pids(run_id: int) -> list[int]:
-    """Return the host pids whose command line carries the run's token."""
-    token = f"ccci-token-{run_id}".encode()
+def token_pids(world, run_id: int) -> list[int]:
+    """Return the host pids whose command line carries the run's token (unique to this world)."""
+    token = f"ccci-token-{world.marks}-{run_id}\0".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -82,6 +82,12 @@ def final_comment(world, number: int, word: str):
     )
 
 
+def settled(world) -> None:
+    """Wait until ccci has delivered everything it meant to say to the forge."""
+    metrics = world.ccci.url + "/metrics"
+    wait_until(lambda: "ccci_outbox_backlog 0\n" in requests.get(metrics, timeout=10).text, what="the outbox to drain")
+
+
 def start_slow_run(world, number: int, user: str = "alice") -> tuple[int, str]:
     sha = world.open_pr(number)
     _, payload = world.comment(number, "!testme", user=user)
@@ -92,7 +98,7 @@ def start_slow_run(world, number: int, user: str = "alice") -> tuple[int, str]:
 
 def assert_cleaned_up(world, run_id: int) -> None:
     assert (world.marks / f"teardown-{run_id}").exists(), "teardown did not run"
-    assert token_pids(run_id) == [], "a process of the run survived"
+    assert token_pids(world, run_id) == [], "a process of the run survived"
     locks = world.admin("GET", "/admin/runs").json()["locks"]
     assert not any(lock["held"] for lock in locks), locks
 
@@ -100,7 +106,7 @@ def assert_cleaned_up(world, run_id: int) -> None:
 def test_cancel_by_comment_mid_run(slow_world):
     world = slow_world()
     run_id, sha = start_slow_run(world, 20)
-    assert token_pids(run_id)
+    assert token_pids(world, run_id)
     _, cancel = world.comment(20, "!testme cancel", user="alice")
     assert world.deliver(cancel).status_code == 202
     comment = final_comment(world, 20, "canceled")
@@ -108,7 +114,7 @@ def test_cancel_by_comment_mid_run(slow_world):
     assert_cleaned_up(world, run_id)
     run = world.admin("GET", "/admin/runs").json()["runs"][0]
     assert run["state"] == "canceled" and run["canceled_by"] == "@alice"
-    assert [s["state"] for s in world.gitea.statuses[sha]][-1] == "error"
+    world.gitea.wait_for(lambda g: [s["state"] for s in g.statuses[sha]][-1] == "error")
     assert len(world.ccci_comments(20)) == 1
 
 
@@ -118,7 +124,7 @@ def test_cancel_by_someone_not_allowed_is_refused(slow_world):
     cancel_id, cancel = world.comment(21, "!testme cancel", user="mallory")
     world.deliver(cancel)
     world.gitea.wait_for(lambda g: ("ccci", "confused") in g.reactions.get(cancel_id, []))
-    assert token_pids(run_id), "an outsider's cancel must not stop the run"
+    assert token_pids(world, run_id), "an outsider's cancel must not stop the run"
     (world.marks / "release").touch()
     final_comment(world, 21, "passed")
 
@@ -201,7 +207,7 @@ def test_sigkill_mid_run_then_restart_gives_exactly_one_report_per_run(slow_worl
         os.killpg(serve_pid, signal.SIGKILL)  # gunicorn master, its workers and the ccci worker
     # The harness learns of its parent's death (PDEATHSIG) and tears down on its own.
     wait_until(lambda: (world.marks / f"teardown-{running}").exists(), what="the orphaned run's teardown")
-    wait_until(lambda: not token_pids(running), what="the run's processes to end")
+    wait_until(lambda: not token_pids(world, running), what="the run's processes to end")
     world.ccci.stop(signal.SIGKILL)
     (world.marks / "release").touch()
     world.ccci.start()
@@ -213,6 +219,7 @@ def test_sigkill_mid_run_then_restart_gives_exactly_one_report_per_run(slow_worl
     runs = {r["id"]: r for r in world.admin("GET", "/admin/runs").json()["runs"]}
     assert runs[running]["state"] == "canceled" and runs[queued]["state"] == "passed"
     # Exactly one final report each: one comment per run, one final status per sha.
+    settled(world)
     assert len(world.ccci_comments(25)) == 1 and len(world.ccci_comments(26)) == 1
     for s in (sha, queued_sha):
         finals = [x["state"] for x in world.gitea.statuses[s] if x["state"] != "pending"]
@@ -283,3 +290,33 @@ def test_admin_runs_filters(slow_world):
     assert bad.status_code == 400 and "exploded" in bad.json()["error"]
     assert requests.get(world.ccci.url + "/admin/runs", timeout=10).status_code == 401
     assert 'ccci_runs{state="passed"} 2' in requests.get(world.ccci.url + "/metrics", timeout=10).text
+
+
+def test_a_run_that_waits_too_long_for_its_app_says_what_to_do(slow_world):
+    world = slow_world(CCCI_MAX_RUNS="2", CCCI_LOCK_WAIT="1")
+    first, _ = start_slow_run(world, 33)
+    second_sha = world.open_pr(34)
+    _, payload = world.comment(34, "!testme")
+    world.deliver(payload)
+    gave_up = final_comment(world, 34, "error")
+    assert f"run {first}" in gave_up.body and "!testme again" in gave_up.body
+    world.gitea.wait_for(lambda g: [s["state"] for s in g.statuses[second_sha]][-1] == "error")
+    assert token_pids(world, first), "the holder must be left alone"
+    (world.marks / "release").touch()
+    final_comment(world, 33, "passed")
+
+
+def test_canceling_a_queued_run_dequeues_it(slow_world):
+    world = slow_world(CCCI_MAX_RUNS="1")
+    running, _ = start_slow_run(world, 35)
+    queued_sha = world.open_pr(36)
+    _, payload = world.comment(36, "!testme")
+    queued = world.deliver(payload).json()["run"]
+    world.gitea.wait_for(lambda g: g.statuses.get(queued_sha))
+    assert world.admin("POST", f"/admin/runs/{queued}/cancel").status_code == 202
+    comment = final_comment(world, 36, "canceled")
+    assert "before it started" in comment.body
+    assert not (world.marks / f"started-{queued}").exists()
+    assert token_pids(world, running)  # the other run goes on
+    (world.marks / "release").touch()
+    final_comment(world, 35, "passed")
