@@ -13,6 +13,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
@@ -42,26 +44,72 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+class WorkerSupervisor:
+    """Keeps one ``python -m ccci worker`` alive beside gunicorn, restarting it if it dies.
+
+    The worker is spawned from this object's own long-lived thread: PDEATHSIG follows the thread
+    that spawned a process, and this thread lives as long as ``serve``. A worker that dies is
+    started again after a pause that grows while it keeps dying; the new worker recovers
+    (adopts or reports the old one's runs) before it does anything else.
+    """
+
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, name="ccci-worker-supervisor", daemon=True)
+
+    def start(self) -> None:
+        """Start the worker and keep it running."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the worker (SIGTERM) and wait for it."""
+        self._stopping.set()
+        self._thread.join()
+
+    def _supervise(self) -> None:
+        pause = 1.0
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ccci", "worker"], env=self.env, preexec_fn=_die_with_parent
+            )
+            log.info("worker started as pid %s", self.proc.pid)
+            while self.proc.poll() is None and not self._stopping.wait(0.5):
+                pass  # gunicorn's arbiter reaps children too, so poll rather than block in wait()
+            if self._stopping.is_set():
+                break
+            log.error("the worker (pid %s) exited with %s; restarting it in %.0fs", self.proc.pid,
+                      self.proc.returncode, pause)  # fmt: skip
+            pause = 1.0 if time.monotonic() - started > 60 else min(pause * 2, 60.0)
+            self._stopping.wait(pause)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except (subprocess.TimeoutExpired, ChildProcessError):
+                pass
+
+
 def serve(settings: Settings, *, bind: str, workers: int = 2) -> int:
     """Serve until SIGTERM/SIGINT; return 0 after a clean stop."""
     settings.STATE_DIR.mkdir(parents=True, exist_ok=True)
     app = create_app(settings)  # validates settings and creates the store before forking
     env = {**os.environ, **settings.to_env()}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
-    worker = subprocess.Popen([sys.executable, "-m", "ccci", "worker"], env=env, preexec_fn=_die_with_parent)
-    log.info("worker started as pid %s; serving on %s", worker.pid, bind)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                      env.get("PYTHONPATH")]))  # fmt: skip
+    supervisor = WorkerSupervisor(env)
+    supervisor.start()
+    log.info("serving on %s", bind)
     try:
-        _Gunicorn(
-            app,
-            {
-                "bind": bind,
-                "workers": workers,
-                "timeout": 30,
-                "graceful_timeout": 30,
-                "accesslog": "-",
-            },
-        ).run()
+        _Gunicorn(app, {
+            "bind": bind,
+            "workers": workers,
+            "timeout": 30,
+            "graceful_timeout": 30,
+            "accesslog": "-",
+        }).run()  # fmt: skip
     finally:
-        worker.terminate()
-        worker.wait()
+        supervisor.stop()
     return 0

@@ -180,8 +180,14 @@ def test_per_user_hourly_limit_is_a_friendly_refusal(slow_world):
 
 
 def _child_pids(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in children.read_text().split()] if children.exists() else []
+    """Return the children of every thread of ``pid`` (a child belongs to the thread that forked it)."""
+    pids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return pids
 
 
 def _ccci_worker_pid(serve_pid: int) -> int:
@@ -320,3 +326,23 @@ def test_canceling_a_queued_run_dequeues_it(slow_world):
     assert token_pids(world, running)  # the other run goes on
     (world.marks / "release").touch()
     final_comment(world, 35, "passed")
+
+
+def test_serve_restarts_a_worker_that_died(slow_world):
+    world = slow_world()
+    (world.marks / "release").touch()
+    serve_pid = world.ccci.proc.pid
+    first_worker = _ccci_worker_pid(serve_pid)
+    os.kill(first_worker, signal.SIGKILL)
+    wait_until(lambda: _live_worker_other_than(serve_pid, first_worker), what="a new worker")
+    sha = world.open_pr(37)
+    _, payload = world.comment(37, "!testme")
+    world.deliver(payload)
+    world.gitea.wait_for(lambda g: "success" in [s["state"] for s in g.statuses.get(sha, [])], timeout=60)
+
+
+def _live_worker_other_than(serve_pid: int, old: int) -> bool:
+    try:
+        return _ccci_worker_pid(serve_pid) != old
+    except (AssertionError, OSError):
+        return False
