@@ -92,6 +92,22 @@ class WorkerSupervisor:
                 pass
 
 
+def startup_warnings(settings: Settings) -> list[str]:
+    """Return what an operator should fix before ccci can do its job, as sentences."""
+    warnings = []
+    if not settings.WEBHOOK_SECRET:
+        warnings.append(
+            "no WEBHOOK_SECRET is set: every webhook delivery will be refused (401); set CCCI_WEBHOOK_SECRET"
+        )
+    if not settings.ALLOWED_USERS and not settings.ALLOWED_ORGS:
+        warnings.append("neither ALLOWED_USERS nor ALLOWED_ORGS is set: nobody may trigger runs")
+    if not settings.FORGE_URL or not settings.FORGE_TOKEN:
+        warnings.append("FORGE_URL and FORGE_TOKEN are needed to acknowledge and report on the forge")
+    if not settings.ADMIN_TOKEN:
+        warnings.append("no ADMIN_TOKEN is set: the admin API is closed")
+    return warnings
+
+
 def serve(settings: Settings, *, bind: str, workers: int = 2) -> int:
     """Serve until SIGTERM/SIGINT; return 0 after a clean stop."""
     settings.STATE_DIR.mkdir(parents=True, exist_ok=True)
@@ -99,6 +115,8 @@ def serve(settings: Settings, *, bind: str, workers: int = 2) -> int:
     env = {**os.environ, **settings.to_env()}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                       env.get("PYTHONPATH")]))  # fmt: skip
+    for warning in startup_warnings(settings):
+        log.warning("%s", warning)
     supervisor = WorkerSupervisor(env)
     supervisor.start()
     log.info("serving on %s", bind)
