@@ -42,14 +42,16 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import yaml
+
+from .server import FakeServer
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,7 +107,7 @@ class FakeBuild:
         return next(s for s in self.steps if s.name == name)
 
 
-class FakeDrone:
+class FakeDrone(FakeServer):
     """A Drone 2.x API server (and exec runner, with ``execute=True``) for tests; a context manager."""
 
     def __init__(
@@ -136,35 +138,15 @@ class FakeDrone:
         self.down = False  # True: every API request answers 503
         self.fail_after_create: int | None = None  # answer this status after creating the next build
         self.builds: dict[int, FakeBuild] = {}
-        self.calls: list[Call] = []
+        super().__init__()
+        self.handler, self.name = _Handler, "fake-drone"
         self._numbers = iter(range(1, 10**9))
-        self._cond = threading.Condition(threading.RLock())
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def start(self) -> FakeDrone:
-        """Start serving on a free port of 127.0.0.1."""
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        server.daemon_threads = False  # server_close() joins every handler thread
-        server.fake = self  # type: ignore[attr-defined]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-drone", daemon=True
-        )
-        self._thread.start()
-        return self
-
     def close(self) -> None:
         """Stop serving, kill step shells still running, wait for their builds to end; safe twice."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        super().close()
         with self._cond:
             builds = list(self.builds.values())
         for build in builds:
@@ -175,19 +157,6 @@ class FakeDrone:
                 build.thread.join(timeout=120)
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> FakeDrone:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def url(self) -> str:
-        """The server's base URL (what DRONE_URL would be)."""
-        assert self._server is not None, "FakeDrone is not started"
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
 
     # -- test controls ---------------------------------------------------------------------------
 
@@ -223,19 +192,6 @@ class FakeDrone:
             self._cond.notify_all()
 
     # -- reading state ---------------------------------------------------------------------------
-
-    def wait_for(self, predicate: Callable[[FakeDrone], T], timeout: float = 10) -> T:
-        """Wait until ``predicate(self)`` is truthy and return it; raise TimeoutError otherwise."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                value = predicate(self)
-                if value:
-                    return value
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"FakeDrone: condition not met within {timeout}s; calls: {self.calls[-10:]}")
-                self._cond.wait(remaining)
 
     def api_calls(self, method: str | None = None, pattern: str = "") -> list[Call]:
         """Return recorded calls, optionally only ``method`` ones whose path matches ``pattern``."""

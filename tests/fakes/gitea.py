@@ -24,12 +24,11 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import threading
 import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -37,6 +36,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from .gitrepo import git
+from .server import FakeServer
 
 T = TypeVar("T")
 REACTIONS = ("+1", "-1", "laugh", "hooray", "confused", "heart", "rocket", "eyes")  # [ui] REACTIONS default
@@ -86,14 +86,15 @@ class FakeComment:
     history: list[str] = field(default_factory=list)
 
 
-class FakeGitea:
+class FakeGitea(FakeServer):
     """A Gitea API v1 and git smart-HTTP server for tests; use it as a context manager."""
 
     def __init__(self, *, token: str = "fake-gitea-token", git_root: Path | str | None = None, bot_login: str = "ccci"):
         self.token = token
         self.git_root = Path(git_root) if git_root is not None else None
         self.bot_login = bot_login
-        self.calls: list[Call] = []
+        super().__init__()
+        self.handler, self.name = _Handler, "fake-gitea"
         self.pulls: dict[tuple[str, str, int], FakePull] = {}
         self.comments: dict[int, FakeComment] = {}
         self.reactions: dict[int, list[tuple[str, str]]] = {}  # comment id -> [(user, content)]
@@ -102,46 +103,12 @@ class FakeGitea:
         self.hidden_orgs: set[str] = set()  # orgs the bot is not in: /members redirects
         self.down = False
         self._ids = iter(range(1000, 10**9))
-        self._cond = threading.Condition(threading.RLock())
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def start(self) -> FakeGitea:
-        """Start serving on a free port of 127.0.0.1."""
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        server.daemon_threads = False  # server_close() joins every handler thread
-        server.fake = self  # type: ignore[attr-defined]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-gitea", daemon=True
-        )
-        self._thread.start()
-        return self
-
     def close(self) -> None:
         """Stop serving and release the socket; safe to call twice."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def __enter__(self) -> FakeGitea:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def url(self) -> str:
-        """The forge's base URL (what FORGE_URL would be)."""
-        assert self._server is not None, "FakeGitea is not started"
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        super().close()
 
     def clone_url(self, owner: str, repo: str) -> str:
         """Return the HTTP clone URL of ``owner/repo``."""
@@ -231,19 +198,6 @@ class FakeGitea:
             return payload
 
     # -- reading state ---------------------------------------------------------------------------
-
-    def wait_for(self, predicate: Callable[[FakeGitea], T], timeout: float = 10) -> T:
-        """Wait until ``predicate(self)`` is truthy and return it; raise TimeoutError otherwise."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                value = predicate(self)
-                if value:
-                    return value
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"FakeGitea: condition not met within {timeout}s; calls: {self.calls[-10:]}")
-                self._cond.wait(remaining)
 
     def comments_on(self, owner: str, repo: str, number: int) -> list[FakeComment]:
         """Return the comments of PR ``number``, oldest first."""
