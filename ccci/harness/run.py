@@ -182,6 +182,8 @@ def execute(
                 sha=env["CCCI_SHA"],
                 on_teardown=guard.begin_teardown,
             )
+            if pipeline.setup and executor.name != "qemu":
+                report.notes.append(f"setup skipped: the {executor.name} executor has no warm base to prepare")
     except RunInterrupted as exc:
         report = _stopped_report(request, exc.status, f"run {exc.status.replace('_', ' ')} before its steps ran")
     except AppBusy as exc:
@@ -255,7 +257,7 @@ def choose_executor(settings: Settings, pipeline: Pipeline, *, writable: list[Pa
     """Return the executor for this run (EXECUTOR: auto, qemu or local), logging which and why."""
     from ..vm.choose import choose_executor as choose
 
-    return choose(settings, log.info, writable=writable)
+    return choose(settings, log.info, writable=writable, setup=pipeline.setup or "")
 
 
 def make_janitor(settings: Settings) -> Janitor:

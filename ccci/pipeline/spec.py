@@ -3,6 +3,7 @@
     timeout: 1800            # the whole run, seconds (default 3600)
     parallelism: 4           # steps running at once (default 4)
     image: abra-debian       # VM image for the VM executor (default: the executor's own)
+    setup: apt-get install -y jq   # VM executor: run once in the warm base, cached by image + setup
     env:                     # added to every step's environment
       LETS_ENCRYPT_ENV: ""
     steps:
@@ -52,7 +53,7 @@ MIN_SECRET = 8
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_PIPELINE_KEYS = {"timeout", "parallelism", "env", "image", "steps"}
+_PIPELINE_KEYS = {"timeout", "parallelism", "env", "image", "setup", "steps"}
 _STEP_KEYS = {"name", "run", "needs", "timeout", "allow_failure", "env", "fork_from", "teardown"}
 
 
@@ -95,7 +96,9 @@ class Step:
 class Pipeline:
     """A validated ci.yml: run-wide settings and an acyclic graph of Steps, in declaration order.
 
-    ``image`` is for the VM executor (None: its default image); the process executor ignores it.
+    ``image`` and ``setup`` are for the VM executor: the machine image, and a command run once
+    in the warm base every fork starts from (cached by image + setup, so later runs skip it).
+    The process sandbox has no base to prepare; it ignores both, and the report says so.
     """
 
     path: Path
@@ -103,6 +106,7 @@ class Pipeline:
     timeout: float = DEFAULT_TIMEOUT
     parallelism: int = DEFAULT_PARALLELISM
     image: str | None = None
+    setup: str | None = None
     env: tuple[EnvVar, ...] = ()
 
     def step(self, name: str) -> Step:
@@ -170,6 +174,7 @@ def parse_pipeline(data: Any, path: Path) -> Pipeline:
         timeout=_seconds(data.get("timeout", DEFAULT_TIMEOUT), f"{path}: key 'timeout'"),
         parallelism=_count(data.get("parallelism", DEFAULT_PARALLELISM), f"{path}: key 'parallelism'"),
         image=_text(data.get("image"), f"{path}: key 'image'", optional=True),
+        setup=_text(data.get("setup"), f"{path}: key 'setup'", optional=True),
         env=_env(data.get("env", {}), f"{path}: key 'env'"),
     )
     _check_graph(pipeline)

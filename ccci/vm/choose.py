@@ -14,11 +14,14 @@ from .image import find_image
 DEFAULT_IMAGE = "tiny"
 
 
-def choose_executor(settings: Settings, log: Callable[[str], None], *, writable: Iterable[Path] = ()) -> Executor:
+def choose_executor(
+    settings: Settings, log: Callable[[str], None], *, writable: Iterable[Path] = (), setup: str = ""
+) -> Executor:
     """Return the executor ``settings.EXECUTOR`` asks for, logging which one and why.
 
     ``writable``: host paths the process sandbox must leave writable besides the workspace
-    (the run's ABRA_DIR and the operator's abra directory it links to).
+    (the run's ABRA_DIR and the operator's abra directory it links to). ``setup``: the
+    pipeline's command for the QEMU executor's warm base.
     """
     wanted = settings.EXECUTOR
     if wanted == "local":
@@ -29,7 +32,7 @@ def choose_executor(settings: Settings, log: Callable[[str], None], *, writable:
 
         accel = detect_accel()
         log(f"executor: qemu microVM forks ({accel.name}: {accel.reason})")
-        return QemuExecutor(settings.STATE_DIR, image=DEFAULT_IMAGE, log=log)
+        return QemuExecutor(settings.STATE_DIR, image=DEFAULT_IMAGE, setup=setup, log=log)
     if wanted == "qemu":
         raise ConfigError("EXECUTOR", f"qemu was asked for but cannot run: {reason}")
     return _process(log, f"EXECUTOR=auto and {reason}", writable)

@@ -78,3 +78,40 @@ def test_cancel_a_run_in_a_microvm_fork(make_world, tmp_path):
     leftovers = [p.name for p in (state / "vm").iterdir() if p.name.startswith(("fork-", "ckpt-"))]
     assert leftovers == []
     assert not any(lock["held"] for lock in world.admin("GET", "/admin/runs").json()["locks"])
+
+
+def test_the_pipelines_setup_prepares_the_warm_base_every_fork_starts_from(tmp_path):
+    """`ccci test` with EXECUTOR=qemu: setup ran once in the base; each fork sees its result."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ccci.vm.image import build_image
+    from tests.vm.conftest import CACHE
+
+    build_image("tiny", CACHE, progress=lambda _m: None)
+    state = tmp_path / "state"
+    (state / "vm").mkdir(parents=True)
+    (state / "images").symlink_to(CACHE / "images")
+    recipe = tmp_path / "prepared"
+    recipe.mkdir()
+    marker = f"prepared-{os.getpid()}-{tmp_path.name}"  # a setup no other test has: a fresh warm base
+    (recipe / "ci.yml").write_text(
+        f"setup: echo {marker} > /etc/prepared\n"
+        "steps:\n"
+        "  - name: first\n    run: cat /etc/prepared; echo mine > /etc/prepared\n"
+        "  - name: second\n    needs: [first]\n    run: cat /etc/prepared\n"
+    )
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "README.md").write_text("x\n")
+    env = {**os.environ, "CCCI_STATE_DIR": str(state), "CCCI_LOCK_DIR": str(tmp_path / "locks"),
+           "CCCI_ABRA_HOME": str(tmp_path / "abra"), "CCCI_EXECUTOR": "qemu"}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "ccci", "test", str(recipe), "--source", str(source), "--json"],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = {s["name"]: s for s in json.loads(done.stdout)["steps"]}
+    assert steps["first"]["stdout"] == f"{marker}\n"
+    assert steps["second"]["stdout"] == "mine\n"  # the run's one machine: the first step's write is there
+    assert "qemu microVM forks" in done.stderr

@@ -118,3 +118,12 @@ def test_mistakes_are_refused_naming_file_step_and_key(tmp_path, text, message):
 def test_an_unreadable_file_is_a_spec_error(tmp_path):
     with pytest.raises(SpecError, match="cannot read"):
         load_pipeline(tmp_path / "missing.yml")
+
+
+def test_setup_is_a_pipeline_key_for_the_vm_warm_base(tmp_path):
+    path = tmp_path / "ci.yml"
+    path.write_text("setup: echo prepared > /etc/prepared\nsteps:\n  - name: a\n    run: cat /etc/prepared\n")
+    assert load_pipeline(path).setup == "echo prepared > /etc/prepared"
+    path.write_text("setup: [not, text]\nsteps:\n  - name: a\n    run: echo a\n")
+    with pytest.raises(SpecError, match="key 'setup'"):
+        load_pipeline(path)
