@@ -15,13 +15,19 @@ def _wants_json() -> bool:
     return best == "application/json" and request.accept_mimetypes[best] > request.accept_mimetypes["text/html"]
 
 
+def _visible_run(run_id: int):
+    """Return the run, or answer 404 (refused requests are not runs anyone can look at)."""
+    run = services().store.get_run(run_id)
+    if run is None or run.state == "refused":
+        abort(404)
+    return run
+
+
 @bp.get("/runs/<int:run_id>")
 def run_page(run_id: int):
     """Show one run: verdict, steps, metrics, durations and the log."""
     s = services()
-    run = s.store.get_run(run_id)
-    if run is None or run.state == "refused":
-        abort(404)
+    run = _visible_run(run_id)
     report = run.report_dict() or RunFiles(s.settings.runs_dir, run_id).read_report()
     if _wants_json():
         data = run.to_dict()
@@ -34,9 +40,7 @@ def run_page(run_id: int):
 def run_log(run_id: int):
     """Return the run's log as plain text (the part written so far while it runs)."""
     s = services()
-    run = s.store.get_run(run_id)
-    if run is None or run.state == "refused":
-        abort(404)
+    run = _visible_run(run_id)
     offset = request.args.get("offset", default=0, type=int)
     text, end = RunFiles(s.settings.runs_dir, run_id).read_log(offset=max(offset, 0))
     return Response(text, mimetype="text/plain", headers={"X-Log-Offset": str(end), "X-Run-State": run.state})

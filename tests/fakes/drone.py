@@ -44,14 +44,13 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
-from .server import FakeServer
+from .server import FakeHandler, FakeServer
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
@@ -394,23 +393,10 @@ def shell_script(commands: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(FakeHandler):
     """Route one request to the fake's API."""
 
     server_version = "FakeDrone/2.0"
-    timeout = 10
-
-    def do_GET(self) -> None:
-        self._handle()
-
-    def do_POST(self) -> None:
-        self._handle()
-
-    def do_DELETE(self) -> None:
-        self._handle()
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet: the fake records calls instead
-        pass
 
     def _handle(self) -> None:
         fake: FakeDrone = self.server.fake  # type: ignore[attr-defined]

@@ -28,7 +28,6 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -36,7 +35,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from .gitrepo import git
-from .server import FakeServer
+from .server import FakeHandler, FakeServer
 
 T = TypeVar("T")
 REACTIONS = ("+1", "-1", "laugh", "hooray", "confused", "heart", "rocket", "eyes")  # [ui] REACTIONS default
@@ -453,29 +452,10 @@ def _user(login: str) -> dict[str, Any]:
     }
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(FakeHandler):
     """Route one request to the fake's API or to git http-backend."""
 
     server_version = "FakeGitea/1.24"
-    timeout = 10  # a client that connects and never sends must not pin a thread forever
-
-    def do_GET(self) -> None:
-        self._handle()
-
-    def do_POST(self) -> None:
-        self._handle()
-
-    def do_PATCH(self) -> None:
-        self._handle()
-
-    def do_PUT(self) -> None:
-        self._handle()
-
-    def do_DELETE(self) -> None:
-        self._handle()
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet: the fake records calls instead
-        pass
 
     def _handle(self) -> None:
         fake: FakeGitea = self.server.fake  # type: ignore[attr-defined]
