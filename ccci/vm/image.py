@@ -167,11 +167,14 @@ def _kernel_deb(debs: Path, progress: Callable[[str], None]) -> Path:
             return found[-1]
     debs.mkdir(parents=True, exist_ok=True)
     progress(f"downloading {package} with apt-get download")
-    _run(["apt-get", "download", "-q", package], cwd=debs)
-    found = sorted(debs.glob(f"{package}_*.deb"))
-    if not found:
-        raise PermanentInfraError(f"apt-get download {package} produced no .deb in {debs}")
-    return found[-1]
+    # Download privately, then rename into place: a concurrent builder never sees half a .deb.
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=debs) as tmp:
+        _run(["apt-get", "download", "-q", package], cwd=Path(tmp))
+        fetched = sorted(Path(tmp).glob(f"{package}_*.deb"))
+        if not fetched:
+            raise PermanentInfraError(f"apt-get download {package} produced no .deb")
+        os.replace(fetched[-1], debs / fetched[-1].name)
+    return debs / fetched[-1].name
 
 
 def _resolve_kernel_package() -> str:
