@@ -132,3 +132,12 @@ def test_run_refuses_a_sha_that_is_not_exactly_40_hex(env, sha):
     done = ccci("run", "--run-id", "1", "--recipe", "hello", "--clone-url", "http://x/y.git", "--pr", "1",
                 "--sha", sha, env=env)  # fmt: skip
     assert done.returncode == 1 and "40-hex" in done.stderr
+
+
+def test_an_unusable_lock_dir_is_a_sentence_naming_the_setting(env, checkout, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the lock directory should be\n")
+    done = ccci("test", "hello", "--source", str(checkout), "--json", env={**env, "CCCI_LOCK_DIR": str(blocker / "x")})
+    assert done.returncode == 1
+    [note] = json.loads(done.stdout)["notes"]
+    assert "LOCK_DIR" in note and "set CCCI_LOCK_DIR" in note

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from ..config import Settings
 from ..dispatch import EVENT_PREFIX, REPORT_PREFIX
-from ..errors import CcciError, InfraError, RunInterrupted, SpecError
+from ..errors import CcciError, InfraError, PermanentInfraError, RunInterrupted, SpecError
 from ..pipeline.redact import Redactor
 from ..pipeline.report import Report
 from ..pipeline.scheduler import Event, run_pipeline
@@ -131,6 +131,7 @@ def execute(
         write_log(f"[ccci] {redact(text)}\n")
 
     try:
+        _ensure_writable(settings.LOCK_DIR, "LOCK_DIR")
         janitor.quick()
         pipeline = load_pipeline(ci_file_for(settings, request))
         guard.set_deadline(min(pipeline.timeout, settings.RUN_TIMEOUT))
@@ -218,6 +219,20 @@ def execute(
         log_file.close()
         guard.uninstall()
     return data, guard.exit_code(0 if report.passed else 1)
+
+
+def _ensure_writable(directory: Path, key: str) -> None:
+    """Create ``directory`` if needed, or fail with a sentence naming the setting to change."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PermanentInfraError(
+            f"{key} {directory} cannot be created ({exc.strerror}); set CCCI_{key} to a directory this user can write"
+        ) from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermanentInfraError(
+            f"{key} {directory} is not writable; set CCCI_{key} to a directory this user can write"
+        )
 
 
 def _waiting(emit, say, domain: str, holder: Any) -> None:
