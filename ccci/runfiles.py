@@ -25,6 +25,7 @@ class RunFiles:
         self.log = self.dir / "log"
         self.events = self.dir / "events.jsonl"
         self.report = self.dir / "report.json"
+        self.artifacts = self.dir / "artifacts"
 
     def create(self) -> None:
         """Make the directory."""

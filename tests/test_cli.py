@@ -141,3 +141,18 @@ def test_an_unusable_lock_dir_is_a_sentence_naming_the_setting(env, checkout, tm
     assert done.returncode == 1
     [note] = json.loads(done.stdout)["notes"]
     assert "LOCK_DIR" in note and "set CCCI_LOCK_DIR" in note
+
+
+def test_artifacts_steps_leave_are_kept_with_the_run(env, checkout, tmp_path):
+    recipe = tmp_path / "reports"
+    recipe.mkdir()
+    (recipe / "ci.yml").write_text(
+        "steps:\n  - name: report\n"
+        "    run: mkdir -p .ccci/artifacts && echo '<testsuite/>' > .ccci/artifacts/junit.xml\n"
+    )
+    done = ccci("test", str(recipe), "--source", str(checkout), "--json", env=env)
+    report = json.loads(done.stdout)
+    assert done.returncode == 0 and report["artifacts"] == ["junit.xml"]
+    [kept] = (tmp_path / "state" / "runs").glob("*/artifacts/junit.xml")
+    assert kept.read_text() == "<testsuite/>\n"
+    assert not list((tmp_path / "state" / "runs").glob("*/abra"))  # the sandbox itself is gone

@@ -124,3 +124,20 @@ def test_unknown_arguments_get_a_usage_reply_once(client):
     comments = [i for i in store_of(client).pending_outbox() if i.kind == "comment"]
     assert len(comments) == 1 and "!testme cancel" in comments[0].payload["body"]
     assert store_of(client).list_runs() == []
+
+
+def test_run_artifacts_are_served_and_paths_cannot_escape(client, tmp_path):
+    from ccci.runfiles import RunFiles
+
+    store = store_of(client)
+    _, run = store.claim_comment(owner="o", repo="hello", comment_id=9, action="test",
+                                 run={"pr": 1, "recipe": "hello", "requester": "alice"})  # fmt: skip
+    files = RunFiles(tmp_path / "state" / "runs", run.id)
+    (files.artifacts / "shots").mkdir(parents=True)
+    (files.artifacts / "shots" / "home.png").write_bytes(b"\x89PNG fake")
+    (files.dir / "report.json").write_text('{"secret": "not an artifact"}')
+    with client.get(f"/runs/{run.id}/artifacts/shots/home.png") as served:  # closes the file it streams
+        assert served.data == b"\x89PNG fake"
+    assert client.get(f"/runs/{run.id}/artifacts/../report.json").status_code == 404
+    assert client.get(f"/runs/{run.id}/artifacts/%2e%2e/report.json").status_code == 404
+    assert client.get(f"/runs/{run.id + 1}/artifacts/shots/home.png").status_code == 404

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -24,6 +25,7 @@ from typing import Any, TextIO
 from ..config import Settings
 from ..dispatch import EVENT_PREFIX, REPORT_PREFIX
 from ..errors import CcciError, InfraError, PermanentInfraError, RunInterrupted, SpecError
+from ..pipeline.executor import ARTIFACTS
 from ..pipeline.redact import Redactor
 from ..pipeline.report import Report
 from ..pipeline.scheduler import Event, run_pipeline
@@ -183,6 +185,7 @@ def execute(
                 sha=env["CCCI_SHA"],
                 on_teardown=guard.begin_teardown,
             )
+            _keep_artifacts(box.recipe_dir, files, report)
             if pipeline.setup and executor.name != "qemu":
                 report.notes.append(f"setup skipped: the {executor.name} executor has no warm base to prepare")
     except RunInterrupted as exc:
@@ -219,6 +222,15 @@ def execute(
         log_file.close()
         guard.uninstall()
     return data, guard.exit_code(0 if report.passed else 1)
+
+
+def _keep_artifacts(checkout: Path, files: RunFiles, report: Report) -> None:
+    """Keep what the steps left in the checkout's artifacts directory, before the sandbox goes."""
+    source = checkout / ARTIFACTS
+    if not source.is_dir():
+        return
+    shutil.copytree(source, files.artifacts, symlinks=False, dirs_exist_ok=True, ignore_dangling_symlinks=True)
+    report.artifacts = sorted(str(p.relative_to(files.artifacts)) for p in files.artifacts.rglob("*") if p.is_file())
 
 
 def _ensure_writable(directory: Path, key: str) -> None:

@@ -22,6 +22,10 @@ from typing import Protocol
 OutputSink = Callable[[str, bytes], None]
 
 TIMEOUT_EXIT = 124  # the exit code a step reports when its own timeout killed it
+# Files steps leave here, relative to the workspace, are kept with the run (reports, screenshots).
+# An executor whose machines hold their own copy of the workspace brings this directory back
+# to the host workspace when a machine closes.
+ARTIFACTS = Path(".ccci/artifacts")
 
 
 @dataclass

@@ -5,7 +5,8 @@
                 "metrics", "stdout", "stderr", "infra_retries"}]}
 
 Added keys (never in place of contract keys): report ``notes`` (what the executor could not do
-as asked, e.g. forks run in the parent's sandbox) and ``started_at`` (epoch seconds); step
+as asked, e.g. forks run in the parent's sandbox), ``started_at`` (epoch seconds) and
+``artifacts`` (files the steps left in ``.ccci/artifacts``, kept with the run); step
 ``teardown`` and ``started_at``. ``exit_code`` is null for a step that never ran.
 
 The run's verdict is decided in one place, ``verdict``, by precedence:
@@ -65,6 +66,7 @@ class Report:
     steps: list[StepResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     started_at: float | None = None
+    artifacts: list[str] = field(default_factory=list)  # files kept with the run, relative paths
 
     def __post_init__(self) -> None:
         if self.status not in RUN_STATUSES:
@@ -95,6 +97,7 @@ class Report:
             "steps": [asdict(s) for s in self.steps],
             "notes": list(self.notes),
             "started_at": self.started_at,
+            "artifacts": list(self.artifacts),
         }
 
     def to_json(self, indent: int | None = None) -> str:
@@ -115,6 +118,7 @@ class Report:
             steps=steps,
             notes=list(data.get("notes", [])),
             started_at=data.get("started_at"),
+            artifacts=list(data.get("artifacts", [])),
         )
 
 

@@ -18,6 +18,7 @@ its step raises an InfraError; a command that merely fails is an ExecResult.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shlex
 import shutil
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import InfraError, PermanentInfraError, TransientInfraError
-from ..pipeline.executor import TIMEOUT_EXIT, ExecRequest, ExecResult
+from ..pipeline.executor import ARTIFACTS, TIMEOUT_EXIT, ExecRequest, ExecResult
 from .agent import AgentLost, AgentRefused
 from .base import Snapshot, logs_dir, overlay, restore, save, vm_dir, warm_base
 from .host import Accel, detect_accel, qemu_binary
@@ -36,6 +37,7 @@ from .image import find_image
 from .instance import Layout, Vm
 from .owner import claim, new_tag
 
+log = logging.getLogger(__name__)
 GUEST_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
@@ -214,6 +216,22 @@ class QemuMachine:
         if outcome.status != 0:
             raise TransientInfraError(f"{self.name}: copying the workspace in failed: {b''.join(errors)[-500:]!r}")
 
+    def _bring_out_artifacts(self) -> None:
+        """Copy what steps left in ``<workspace>/.ccci/artifacts`` to the same place on the host.
+
+        Forks of one run merge into the one host directory: "deploy once, test many" branches
+        can each leave their own reports. Closing must not fail over it: problems are logged.
+        """
+        if self.workspace is None or self.vm is None:
+            return
+        guest_dir = str(self.workspace / ARTIFACTS)
+        try:
+            probe = self._run(f"test -d {shlex.quote(guest_dir)}", "/", GUEST_ENV, on_output=lambda *_: None)
+            if probe.status == 0:
+                self.copy_out(guest_dir, self.workspace / ARTIFACTS)
+        except Exception as exc:  # a dead or hung machine has no artifacts to give
+            log.warning("%s: artifacts not copied out: %s", self.name, exc)
+
     def copy_out(self, guest_dir: str, host_dir: Path) -> None:
         """Copy the guest directory ``guest_dir`` (results, reports) into ``host_dir``."""
         chunks: list[bytes] = []
@@ -296,12 +314,13 @@ class QemuMachine:
     # -- teardown ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Kill QEMU, drop the pin on the base and remove this machine's files; idempotent."""
+        """Bring artifacts out, kill QEMU, drop the pin on the base and remove this machine's files; idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
         try:
+            self._bring_out_artifacts()
             if self.vm is not None:
                 self.vm.kill()
         finally:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask, Response, abort, jsonify, render_template, request
+from flask import Blueprint, Flask, Response, abort, jsonify, render_template, request, send_from_directory
 
 from ..runfiles import RunFiles
 from . import services
@@ -44,6 +44,14 @@ def run_log(run_id: int):
     offset = request.args.get("offset", default=0, type=int)
     text, end = RunFiles(s.settings.runs_dir, run_id).read_log(offset=max(offset, 0))
     return Response(text, mimetype="text/plain", headers={"X-Log-Offset": str(end), "X-Run-State": run.state})
+
+
+@bp.get("/runs/<int:run_id>/artifacts/<path:name>")
+def run_artifact(run_id: int, name: str):
+    """Serve one artifact the run's steps kept (a report, a screenshot)."""
+    _visible_run(run_id)
+    # send_from_directory refuses paths that escape the directory (.., absolute paths).
+    return send_from_directory(RunFiles(services().settings.runs_dir, run_id).artifacts, name)
 
 
 def init_app(app: Flask) -> None:

@@ -102,6 +102,7 @@ def test_the_pipelines_setup_prepares_the_warm_base_every_fork_starts_from(tmp_p
         "steps:\n"
         "  - name: first\n    run: cat /etc/prepared; echo mine > /etc/prepared\n"
         "  - name: second\n    needs: [first]\n    run: cat /etc/prepared\n"
+        "  - name: keep\n    run: mkdir -p .ccci/artifacts/out && hostname > .ccci/artifacts/out/host.txt\n"
     )
     source = tmp_path / "src"
     source.mkdir()
@@ -115,3 +116,8 @@ def test_the_pipelines_setup_prepares_the_warm_base_every_fork_starts_from(tmp_p
     assert steps["first"]["stdout"] == f"{marker}\n"
     assert steps["second"]["stdout"] == "mine\n"  # the run's one machine: the first step's write is there
     assert "qemu microVM forks" in done.stderr
+    # Results out: the file a step wrote in the guest is kept with the run on the host.
+    report = json.loads(done.stdout)
+    assert report["artifacts"] == ["out/host.txt"]
+    [kept] = (state / "runs").glob("*/artifacts/out/host.txt")
+    assert kept.read_text().startswith("fork-")  # written inside the fork, whose hostname it is
