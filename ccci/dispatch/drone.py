@@ -40,6 +40,7 @@ import requests
 
 from ..config import Settings
 from ..errors import CcciError, ConfigError, PermanentInfraError, TransientInfraError
+from ..names import is_recipe, is_sha
 from ..runfiles import RunFiles
 from ..store import Run
 from . import Finished, parse_harness_line
@@ -53,8 +54,6 @@ TIMEOUT = (5.0, 20.0)  # connect, read: the worker's loop waits on these
 POSITION_FILE = "drone.json"  # in the run's directory: which build, and how far its log was read
 MISSING = object()  # what _request returns for a 404 it was told to expect
 
-RECIPE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-SHA = re.compile(r"^[0-9a-f]{40}$")
 POSITIVE = re.compile(r"^[1-9][0-9]{0,17}$")
 # A clone URL reaches a shell on the runner: only characters no shell gives a meaning to.
 URL_CHARS = re.compile(r"^[A-Za-z0-9._~:/%+-]+$")
@@ -334,9 +333,9 @@ def build_params(run: Run) -> dict[str, str]:
         problems.append(f"run id {run_id!r} is not a positive integer")
     if isinstance(run.pr, bool) or not POSITIVE.fullmatch(pr):
         problems.append(f"pull request {pr!r} is not a positive integer")
-    if not RECIPE_NAME.fullmatch(recipe):
+    if not is_recipe(recipe):
         problems.append(f"recipe {recipe!r} is not a recipe name (lowercase letters, digits, . _ -)")
-    if not SHA.fullmatch(sha):
+    if not is_sha(sha):
         problems.append(f"sha {sha!r} is not a 40-hex commit id")
     parsed = urlparse(url)
     if (

@@ -9,21 +9,20 @@ on a command line where ``ps`` would show it.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import PermanentInfraError, TransientInfraError
+from ..names import is_sha
 
-SHA = re.compile(r"^[0-9a-f]{40}$")
 GIT_TIMEOUT = 300
 
 
 def checkout_pull(clone_url: str, pr: int, sha: str, dest: Path, *, forge_url: str = "", token: str = "") -> None:
     """Fetch ``refs/pull/<pr>/head`` from ``clone_url`` into ``dest`` and check out ``sha``."""
-    if not SHA.fullmatch(sha):
+    if not is_sha(sha):
         raise PermanentInfraError(f"refusing to check out {sha!r}: not a 40-hex commit id")
     dest.mkdir(parents=True, exist_ok=True)
     env = _git_env(clone_url, forge_url, token)

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 from ..config import Settings
 from ..dispatch import EVENT_PREFIX, REPORT_PREFIX
 from ..errors import CcciError, InfraError, PermanentInfraError, RunInterrupted, SpecError
+from ..names import is_recipe, is_sha
 from ..pipeline.executor import ARTIFACTS
 from ..pipeline.redact import Redactor
 from ..pipeline.report import Report
@@ -39,7 +40,6 @@ from .sandbox import RunSandbox
 
 log = logging.getLogger(__name__)
 
-RECIPE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -61,9 +61,9 @@ class RunRequest:
         request = cls(**{**fields, "run_id": str(fields["run_id"])})
         if not RUN_ID.fullmatch(request.run_id):
             raise CcciError(f"run id {request.run_id!r} is not a plain identifier")
-        if not RECIPE_NAME.fullmatch(request.recipe):
+        if not is_recipe(request.recipe):
             raise CcciError(f"recipe {request.recipe!r} is not a recipe name (lowercase letters, digits, . _ -)")
-        if request.source is None and not re.fullmatch(r"[0-9a-f]{40}", request.sha):
+        if request.source is None and not is_sha(request.sha):
             raise CcciError(f"sha {request.sha!r} is not a 40-hex commit id")
         return request
 
@@ -305,7 +305,7 @@ def reap_app(settings: Settings, holder: Any) -> None:
     from ..vm.process import ProcessExecutor
 
     recipe = getattr(holder, "recipe", "") or ""
-    if not RECIPE_NAME.fullmatch(recipe):
+    if not is_recipe(recipe):
         log.warning("cannot reap %s: its lock names no valid recipe", holder)
         return
     pipeline = load_pipeline(ci_file_for(settings, RunRequest(run_id="reap", recipe=recipe)))

@@ -11,13 +11,13 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import stat
 import time
 from pathlib import Path
 
 from ..errors import CcciError
+from ..names import is_recipe
 from .applock import fd_is_current, try_flock, unlink_if_current
 from .lifetime import process_start_time
 
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 OWNER = "sandbox-owner.json"
 SHARED = ("servers", "catalogue")
-RECIPE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 class RunSandbox:
@@ -54,7 +53,7 @@ class RunSandbox:
     """
 
     def __init__(self, run_dir: Path, abra_home: Path, recipe: str, *, keep: bool = False):
-        if not RECIPE.fullmatch(recipe):
+        if not is_recipe(recipe):
             raise ValueError(f"{recipe!r} is not a recipe name")
         self.run_dir = run_dir
         self.abra_home = abra_home
