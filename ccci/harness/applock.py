@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..errors import CcciError
-from .lifetime import process_alive, process_start_time
+from ..process import process_alive, process_start_time
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,6 @@ import logging
 import os
 import signal
 import threading
-from pathlib import Path
 from types import FrameType
 
 from ..errors import RunInterrupted
@@ -151,29 +150,6 @@ def install_guard(deadline_seconds: float, *, parent_pid: int | None = None) -> 
         guard.uninstall()
         raise
     return guard
-
-
-def process_start_time(pid: int) -> int | None:
-    """Return when ``pid`` started (clock ticks since boot), or None if it is not running.
-
-    A pid together with its start time names one process for good: pids are reused, start
-    times of a reused pid differ.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # The command name (field 2) may hold spaces and parentheses; fields after it are plain.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):  # a zombie has exited; only its parent has not collected it yet
-        return None
-    return int(fields[19])  # field 22 of proc(5), counted from field 3
-
-
-def process_alive(pid: int, start_time: int | None) -> bool:
-    """Return True if the process ``pid`` that started at ``start_time`` still exists."""
-    now = process_start_time(pid)
-    return now is not None and (start_time is None or now == start_time)
 
 
 def _set_parent_death_signal(signum: int) -> None:

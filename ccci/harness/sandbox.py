@@ -18,8 +18,8 @@ from pathlib import Path
 
 from ..errors import CcciError
 from ..names import is_recipe
+from ..process import process_start_time
 from .applock import fd_is_current, try_flock, unlink_if_current
-from .lifetime import process_start_time
 
 log = logging.getLogger(__name__)
 

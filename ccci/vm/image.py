@@ -140,8 +140,8 @@ def _inputs_hash(name: str, kernel_deb: Path, busybox: Path) -> str:
     h = hashlib.sha256()
     for part in (
         f"builder={BUILDER_VERSION} image={name} modules={','.join(MODULES)} disk={DISK_SIZE}".encode(),
-        _file_hash(kernel_deb).encode(),
-        _file_hash(busybox).encode(),
+        file_hash(kernel_deb).encode(),
+        file_hash(busybox).encode(),
         (GUEST_DIR / "agent.c").read_bytes(),
         (GUEST_DIR / "init").read_bytes(),
     ):
@@ -149,7 +149,8 @@ def _inputs_hash(name: str, kernel_deb: Path, busybox: Path) -> str:
     return h.hexdigest()[:32]
 
 
-def _file_hash(path: Path) -> str:
+def file_hash(path: Path) -> str:
+    """Return the SHA-256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -12,6 +12,8 @@ import re
 import secrets
 from pathlib import Path
 
+from ..process import process_start_time
+
 TAG = re.compile(r"^(?P<kind>[a-z]+)-(?P<pid>\d+)-(?P<entropy>[0-9a-f]{8})$")
 OWNER_FILE = "owner"
 
@@ -21,19 +23,9 @@ def new_tag(kind: str) -> str:
     return f"{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def start_time(pid: int) -> str | None:
-    """Return a process's start time in clock ticks since boot, or None if it does not exist."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name may hold spaces and parentheses; fields resume after the last ')'.
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
 def claim(directory: Path) -> None:
     """Record this process as the owner of ``directory``."""
-    (directory / OWNER_FILE).write_text(f"{os.getpid()} {start_time(os.getpid())}\n")
+    (directory / OWNER_FILE).write_text(f"{os.getpid()} {process_start_time(os.getpid())}\n")
 
 
 def owner_pid(name: str) -> int | None:
@@ -47,11 +39,11 @@ def owner_alive(path: Path) -> bool:
     pid = owner_pid(path.name)
     if pid is None:
         return True  # not ours to judge
-    started = start_time(pid)
+    started = process_start_time(pid)
     if started is None:
         return False
     try:
         recorded = (path / OWNER_FILE).read_text().split()
     except (OSError, NotADirectoryError):
         return True  # being created right now, or a plain file: the pid alone decides
-    return len(recorded) < 2 or recorded[1] == started
+    return len(recorded) < 2 or recorded[1] == str(started)

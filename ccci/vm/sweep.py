@@ -15,9 +15,10 @@ import signal
 import time
 from pathlib import Path
 
+from ..process import process_start_time
 from .base import logs_dir, vm_dir
 from .image import images_dir
-from .owner import TAG, owner_alive, owner_pid, start_time
+from .owner import TAG, owner_alive, owner_pid
 
 LOG_AGE = 7 * 86400  # machine logs of dead owners are kept this long, for post-mortems
 _BUILD_TMP = re.compile(r"^\.build-(?P<pid>\d+)-")
@@ -52,14 +53,14 @@ def sweep_vms(state_dir: Path, prune_bases_after: float | None = None) -> list[s
             for log in logs.iterdir():
                 pid = owner_pid(log.name.split(".")[0].removesuffix("-helper"))
                 old = time.time() - log.stat().st_mtime > LOG_AGE
-                if old and (pid is None or start_time(pid) is None):
+                if old and (pid is None or process_start_time(pid) is None):
                     log.unlink(missing_ok=True)
                     removed.append(str(log))
     images = images_dir(state_dir)
     if images.is_dir():
         for tmp in images.iterdir():
             m = _BUILD_TMP.match(tmp.name)
-            if m and start_time(int(m.group("pid"))) is None:
+            if m and process_start_time(int(m.group("pid"))) is None:
                 shutil.rmtree(tmp, ignore_errors=True)
                 removed.append(str(tmp))
     return removed

@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from tests.e2e.test_control import final_comment, wait_until
+from tests.vm.vmhelpers import shared_vm_state
 
 pytestmark = [
     pytest.mark.vm,
@@ -46,15 +47,7 @@ def qemu_pids(state_dir: Path) -> list[int]:
 
 
 def test_cancel_a_run_in_a_microvm_fork(make_world, tmp_path):
-    from ccci.vm.image import build_image
-    from tests.vm.conftest import CACHE
-
-    build_image("tiny", CACHE, progress=lambda _m: None)
-    state = tmp_path / "state"
-    (state / "vm").mkdir(parents=True)
-    (state / "images").symlink_to(CACHE / "images")
-    (CACHE / "vm" / "bases").mkdir(parents=True, exist_ok=True)
-    (state / "vm" / "bases").symlink_to(CACHE / "vm" / "bases")
+    state = shared_vm_state(tmp_path)  # the STATE_DIR make_world's ccci uses
     recipes = tmp_path / "recipes" / "hello"
     recipes.mkdir(parents=True)
     (recipes / "ci.yml").write_text(VM_CI)
@@ -87,13 +80,7 @@ def test_the_pipelines_setup_prepares_the_warm_base_every_fork_starts_from(tmp_p
     import subprocess
     import sys
 
-    from ccci.vm.image import build_image
-    from tests.vm.conftest import CACHE
-
-    build_image("tiny", CACHE, progress=lambda _m: None)
-    state = tmp_path / "state"
-    (state / "vm").mkdir(parents=True)
-    (state / "images").symlink_to(CACHE / "images")
+    state = shared_vm_state(tmp_path)
     recipe = tmp_path / "prepared"
     recipe.mkdir()
     marker = f"prepared-{os.getpid()}-{tmp_path.name}"  # a setup no other test has: a fresh warm base

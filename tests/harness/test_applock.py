@@ -8,7 +8,6 @@ import signal
 import threading
 
 import pytest
-from conftest import expect_any
 
 from ccci.harness import applock
 from ccci.harness.applock import (
@@ -19,6 +18,7 @@ from ccci.harness.applock import (
     lock_path,
     probe_and_reap,
 )
+from tests.harness.procs import expect_any
 
 APP = "demo.ci.localhost"
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import signal
 
-from conftest import wait_gone
-
-from ccci.harness.lifetime import process_start_time
+from ccci.process import process_start_time
+from tests.harness.procs import wait_gone
 
 
 def test_sigterm_runs_the_finally_block_and_exits_143(helpers, tmp_path):

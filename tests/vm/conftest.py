@@ -13,20 +13,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 import pytest
-
-# pytest puts this directory, not the repository, on sys.path when run as .venv/bin/pytest.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ccci.vm.host import qemu_binary
 from ccci.vm.image import build_image
 from ccci.vm.qemu import QemuExecutor
 from ccci.vm.sweep import _processes_using
-
-CACHE = Path(os.environ.get("CCCI_TEST_VM_CACHE", Path.home() / ".cache" / "ccci-test-vm"))
+from tests.vm.vmhelpers import CACHE, shared_vm_state
 
 
 def pytest_collection_modifyitems(config, items):
@@ -40,22 +35,19 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def vm_cache() -> Path:
-    """Build (or find) the tiny image in the stable cache."""
+    """The stable cache, with the tiny image built in it."""
     if qemu_binary() is None:
         pytest.skip("qemu-system-x86_64 is not installed (scripts/install installs it)")
-    CACHE.mkdir(parents=True, exist_ok=True)
     build_image("tiny", CACHE, progress=lambda _m: None)
-    (CACHE / "vm" / "bases").mkdir(parents=True, exist_ok=True)
     return CACHE
 
 
 @pytest.fixture
-def state_dir(vm_cache: Path, tmp_path: Path):
+def state_dir(tmp_path: Path):
     """A state directory of this test's own, sharing the cached images and warm bases."""
-    state = tmp_path / "state"
-    (state / "vm").mkdir(parents=True)
-    (state / "images").symlink_to(vm_cache / "images")
-    (state / "vm" / "bases").symlink_to(vm_cache / "vm" / "bases")
+    if qemu_binary() is None:
+        pytest.skip("qemu-system-x86_64 is not installed (scripts/install installs it)")
+    state = shared_vm_state(tmp_path)
     yield state
     # Reap every QEMU this test left (a failed assertion must not leak a VM), then say so.
     leaked = _processes_using(state) + _processes_using(state.resolve())

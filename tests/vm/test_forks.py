@@ -7,10 +7,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from vmhelpers import fork_files, run, sha256
 
 from ccci.pipeline.executor import TIMEOUT_EXIT, ExecRequest
 from ccci.vm.image import build_image
+from tests.vm.vmhelpers import fork_files, run, sha256
 
 pytestmark = pytest.mark.vm
 

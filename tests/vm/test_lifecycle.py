@@ -13,7 +13,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from vmhelpers import fork_files, run
 
 from ccci.config import load_settings
 from ccci.errors import InfraError, PermanentInfraError, TransientInfraError
@@ -24,6 +23,7 @@ from ccci.vm import qemu as qemu_module
 from ccci.vm.choose import choose_executor
 from ccci.vm.qemu import QemuExecutor
 from ccci.vm.sweep import _processes_using, sweep_vms
+from tests.vm.vmhelpers import fork_files, run
 
 pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parents[2]

@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from vmhelpers import fork_files, run
 
 from ccci.vm.sweep import _processes_using
+from tests.vm.vmhelpers import fork_files, run
 
 pytestmark = [pytest.mark.vm, pytest.mark.soak]
 CYCLES = int(os.environ.get("CCCI_SOAK_CYCLES", "300"))

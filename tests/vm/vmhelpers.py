@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
-import hashlib
+import os
 from pathlib import Path
 
 from ccci.pipeline.executor import ExecRequest, ExecResult
+from ccci.vm.image import build_image
+from ccci.vm.image import file_hash as sha256  # noqa: F401  (re-exported for the tests)
+
+# Images and warm bases are cached across sessions, so reruns and other suites find them built.
+CACHE = Path(os.environ.get("CCCI_TEST_VM_CACHE", Path.home() / ".cache" / "ccci-test-vm"))
+
+
+def shared_vm_state(tmp_path: Path) -> Path:
+    """Return a fresh STATE_DIR whose images and warm bases are the cached ones (built if needed).
+
+    The fork files under its ``vm/`` are the test's own; only the expensive parts are shared.
+    """
+    CACHE.mkdir(parents=True, exist_ok=True)
+    build_image("tiny", CACHE, progress=lambda _m: None)
+    (CACHE / "vm" / "bases").mkdir(parents=True, exist_ok=True)
+    state = tmp_path / "state"
+    (state / "vm").mkdir(parents=True)
+    (state / "images").symlink_to(CACHE / "images")
+    (state / "vm" / "bases").symlink_to(CACHE / "vm" / "bases")
+    return state
 
 
 def run(machine, command: str, **kwargs) -> tuple[ExecResult, str, str]:
@@ -13,15 +33,6 @@ def run(machine, command: str, **kwargs) -> tuple[ExecResult, str, str]:
     out: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
     result = machine.exec(ExecRequest(command, on_output=lambda s, c: out[s].append(c), **kwargs))
     return result, b"".join(out["stdout"]).decode(), b"".join(out["stderr"]).decode()
-
-
-def sha256(path: Path) -> str:
-    """Hash a file."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fork_files(state_dir: Path) -> list[Path]:
