@@ -156,3 +156,33 @@ def test_artifacts_steps_leave_are_kept_with_the_run(env, checkout, tmp_path):
     [kept] = (tmp_path / "state" / "runs").glob("*/artifacts/junit.xml")
     assert kept.read_text() == "<testsuite/>\n"
     assert not list((tmp_path / "state" / "runs").glob("*/abra"))  # the sandbox itself is gone
+
+
+def test_sweep_reaps_a_dead_runs_app_through_its_recipes_teardown_and_leaves_nothing(env, tmp_path):
+    from dataclasses import asdict
+
+    from ccci.harness.applock import LockHolder, lock_path
+
+    recipes = tmp_path / "recipes"
+    (recipes / "reaper").mkdir(parents=True)
+    (recipes / "reaper" / "ci.yml").write_text(
+        "steps:\n  - name: deploy\n    run: exit 99\n"
+        "  - name: undeploy\n    teardown: true\n"
+        '    run: echo "$APP_DOMAIN run $CCCI_RUN" >> "$ABRA_DIR/servers/reaped"\n'
+    )
+    (tmp_path / "abra" / "servers").mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock_dir = tmp_path / "locks"
+    lock_dir.mkdir()
+    holder = LockHolder("reaper.ci.localhost", "77", "reaper", dead.pid, None, 0.0)
+    lock_path(lock_dir, holder.app_domain).write_text(json.dumps(asdict(holder)))
+
+    swept = ccci("sweep", env={**env, "CCCI_RECIPES_DIR": str(recipes)})
+    assert swept.returncode == 0, swept.stderr
+    assert (tmp_path / "abra" / "servers" / "reaped").read_text() == "reaper.ci.localhost run 77\n"
+    assert not list(lock_dir.iterdir())
+    assert not list((tmp_path / "state" / "runs").glob("reap-*"))  # the reaper's own sandbox is gone too
+    again = ccci("sweep", env={**env, "CCCI_RECIPES_DIR": str(recipes)})
+    assert json.loads(again.stdout)["reaped_apps"] == []
+    assert (tmp_path / "abra" / "servers" / "reaped").read_text().count("\n") == 1  # exactly once

@@ -46,6 +46,16 @@ def checkout_pull(clone_url: str, pr: int, sha: str, dest: Path, *, forge_url: s
         raise PermanentInfraError(f"checked out {head} instead of {sha}")
 
 
+def head_commit(checkout: Path) -> str:
+    """Return the commit a local checkout has checked out, or '' when it is not a git checkout."""
+    if not (checkout / ".git").exists():
+        return ""
+    try:
+        return _git(["-C", str(checkout), "rev-parse", "HEAD"], _git_env("", "", "")).strip()
+    except PermanentInfraError:
+        return ""  # an empty repository: nothing to name
+
+
 def copy_source(source: Path, dest: Path) -> None:
     """Copy a local recipe checkout (``ccci test --source``), .git included."""
     if not source.is_dir():

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,8 +33,9 @@ from ..pipeline.report import Report
 from ..pipeline.scheduler import Event, run_pipeline
 from ..pipeline.spec import Pipeline, load_pipeline
 from ..runfiles import RunFiles
+from ..vm.choose import choose_executor
 from .applock import AppBusy, LockHolder, acquire_app_lock
-from .checkout import checkout_pull, copy_source
+from .checkout import checkout_pull, copy_source, head_commit
 from .janitor import Janitor
 from .lifetime import install_guard
 from .sandbox import RunSandbox
@@ -168,10 +170,10 @@ def execute(
                 "APP_DOMAIN": domain,
                 "ABRA_DIR": str(box.abra_dir),
                 "CCCI_RUN": request.run_id,
-                "CCCI_SHA": request.sha or _head_of(box.recipe_dir),
+                "CCCI_SHA": request.sha or head_commit(box.recipe_dir),
             }
             writable = [box.abra_dir, settings.ABRA_HOME, *map(Path, settings.SANDBOX_WRITABLE)]
-            executor = choose_executor(settings, pipeline, writable=writable)
+            executor = choose_executor(settings, log.info, writable=writable, setup=pipeline.setup or "")
             say(f"executor: {executor.name}")
             report = run_pipeline(
                 pipeline,
@@ -253,16 +255,6 @@ def _waiting(emit, say, domain: str, holder: Any) -> None:
     emit(Event(kind="waiting", step="", at=time.time(), text=f"waiting for {domain}: held by {who}"))
 
 
-def _head_of(checkout: Path) -> str:
-    head = checkout / ".git" / "HEAD"
-    if not head.is_file():
-        return ""
-    import subprocess
-
-    proc = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return proc.stdout.strip() if proc.returncode == 0 else ""
-
-
 def _report_run_id(run_id: str) -> int | str:
     """Return the run id as the report contract has it: a number for forge runs."""
     return int(run_id) if run_id.isdigit() else run_id
@@ -278,13 +270,6 @@ def _stopped_report(request: RunRequest, status: str, note: str) -> Report:
         steps=[],
         notes=[note],
     )
-
-
-def choose_executor(settings: Settings, pipeline: Pipeline, *, writable: list[Path]):
-    """Return the executor for this run (EXECUTOR: auto, qemu or local), logging which and why."""
-    from ..vm.choose import choose_executor as choose
-
-    return choose(settings, log.info, writable=writable, setup=pipeline.setup or "")
 
 
 def make_janitor(settings: Settings) -> Janitor:
@@ -313,8 +298,12 @@ def reap_app(settings: Settings, holder: Any) -> None:
     if not teardown:
         return
     reaper = Pipeline(path=pipeline.path, steps=teardown, timeout=pipeline.timeout, env=pipeline.env)
-    workdir = settings.runs_dir / f"reap-{holder.run_id}-{os.getpid()}"
-    with RunSandbox(workdir, settings.ABRA_HOME, recipe) as box:
+    settings.runs_dir.mkdir(parents=True, exist_ok=True)
+    # The reaper's own sandbox lives in a temporary run directory, gone with everything in it.
+    with (
+        tempfile.TemporaryDirectory(prefix=f"reap-{holder.run_id}-", dir=settings.runs_dir) as workdir,
+        RunSandbox(Path(workdir), settings.ABRA_HOME, recipe) as box,
+    ):
         env = {
             "RECIPE": recipe,
             "APP_DOMAIN": holder.app_domain,
@@ -324,7 +313,7 @@ def reap_app(settings: Settings, holder: Any) -> None:
         }
         report = run_pipeline(
             reaper,
-            ProcessExecutor(writable=[box.abra_dir, settings.ABRA_HOME]),
+            ProcessExecutor(writable=[box.abra_dir, settings.ABRA_HOME, *map(Path, settings.SANDBOX_WRITABLE)]),
             box.recipe_dir,
             env,
             secrets=settings.secrets(),
