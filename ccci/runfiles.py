@@ -51,15 +51,19 @@ class RunFiles:
 
     def read_events(self) -> list[dict[str, Any]]:
         """Return every complete event written so far."""
+        return self.read_events_from(0)[0]
+
+    def read_events_from(self, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """Return the complete events written after byte ``offset``, and the offset after them."""
         try:
-            text = self.events.read_text()
+            with self.events.open("rb") as f:
+                f.seek(offset)
+                data = f.read()
         except FileNotFoundError:
-            return []
-        events = []
-        for line in text.splitlines(keepends=True):
-            if line.endswith("\n"):  # a line being written is read next time
-                events.append(json.loads(line))
-        return events
+            return [], offset
+        complete = data[: data.rfind(b"\n") + 1]  # a line still being written is read next time
+        events = [json.loads(line) for line in complete.splitlines()]
+        return events, offset + len(complete)
 
     def read_log(self, offset: int = 0, limit: int = LOG_PAGE) -> tuple[str, int]:
         """Return up to ``limit`` bytes of log from ``offset`` and the offset after them."""

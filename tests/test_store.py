@@ -105,3 +105,20 @@ def test_a_transaction_commits_all_or_nothing(tmp_path):
     assert store.list_runs() == [] and store.outbox_backlog() == 0
     claimed, _ = store.claim_comment(owner="o", repo="r", comment_id=5, action="test")
     assert claimed  # the rolled-back claim left nothing behind
+
+
+def test_events_are_read_incrementally_and_a_half_written_line_waits(tmp_path):
+    from ccci.runfiles import RunFiles
+
+    files = RunFiles(tmp_path, 3)
+    files.create()
+    files.append_event({"kind": "started", "step": "a"})
+    events, offset = files.read_events_from(0)
+    assert events == [{"kind": "started", "step": "a"}]
+    with files.events.open("a") as f:
+        f.write('{"kind": "finished", "st')  # being written
+    assert files.read_events_from(offset) == ([], offset)
+    with files.events.open("a") as f:
+        f.write('ep": "a"}\n')
+    assert files.read_events_from(offset)[0] == [{"kind": "finished", "step": "a"}]
+    assert len(files.read_events()) == 2

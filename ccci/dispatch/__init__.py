@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
+from ..runfiles import RunFiles
 from ..store import Run
 
 EVENT_PREFIX = "::ccci-event "
@@ -65,3 +67,27 @@ def parse_harness_line(line: str) -> tuple[str, dict[str, Any]] | None:
                 return None
             return (kind, data) if isinstance(data, dict) else None
     return None
+
+
+class ProgressReader:
+    """Follows each run's ``events.jsonl``, reading only what was appended since the last look.
+
+    The worker asks for a running run's progress on every pass; rereading and reparsing the
+    whole file each time would grow with the run's length.
+    """
+
+    def __init__(self, runs_dir: Path):
+        self.runs_dir = runs_dir
+        self._seen: dict[int, tuple[list[dict[str, Any]], int]] = {}  # run id -> (events, bytes read)
+
+    def progress(self, run_id: int) -> list[dict[str, Any]]:
+        """Return the run's progress events so far."""
+        events, offset = self._seen.get(run_id, ([], 0))
+        new, offset = RunFiles(self.runs_dir, run_id).read_events_from(offset)
+        events = events + new if new else events
+        self._seen[run_id] = (events, offset)
+        return events
+
+    def forget(self, run_id: int) -> None:
+        """Drop what is remembered of a finished run."""
+        self._seen.pop(run_id, None)

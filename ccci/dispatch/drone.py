@@ -43,7 +43,7 @@ from ..errors import CcciError, ConfigError, PermanentInfraError, TransientInfra
 from ..names import is_recipe, is_sha
 from ..runfiles import RunFiles
 from ..store import Run
-from . import Finished, parse_harness_line
+from . import Finished, ProgressReader, parse_harness_line
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class DroneDispatcher:
             raise ConfigError("DRONE_URL", "DISPATCH=drone needs DRONE_URL, DRONE_TOKEN and DRONE_REPO")
         self.settings = settings
         self.poll_interval = poll_interval
+        self._progress = ProgressReader(settings.runs_dir)
         self.branch = branch  # None: Drone builds the repository's default branch
         self.base = settings.DRONE_URL.rstrip("/")
         self.api = f"{self.base}/api/repos/{settings.DRONE_REPO}"
@@ -171,12 +172,13 @@ class DroneDispatcher:
             if finished is not None:
                 with self._lock:
                     self._watches.pop(watch.run_id, None)
+                self._progress.forget(watch.run_id)
                 done.append(finished)
         return done
 
     def progress(self, run: Run) -> list[dict[str, Any]]:
         """Return the run's progress events read from its build log so far."""
-        return RunFiles(self.settings.runs_dir, run.id).read_events()
+        return self._progress.progress(run.id)
 
     def cancel(self, run: Run) -> bool:
         """Cancel the run's Drone build; False if this dispatcher is not watching one."""

@@ -24,7 +24,7 @@ from ..config import Settings
 from ..doorbell import Doorbell
 from ..runfiles import RunFiles
 from ..store import Run
-from . import Finished
+from . import Finished, ProgressReader
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +38,7 @@ class LocalDispatcher:
         self.doorbell = doorbell
         self._pids: dict[int, int] = {}  # run id -> harness pid (its process group id too)
         self._finished: list[Finished] = []
+        self._progress = ProgressReader(settings.runs_dir)
         self._lock = threading.Lock()
 
     def harness_argv(self, run: Run) -> list[str]:
@@ -103,7 +104,7 @@ class LocalDispatcher:
 
     def progress(self, run: Run) -> list[dict[str, Any]]:
         """Return the run's progress events so far."""
-        return RunFiles(self.settings.runs_dir, run.id).read_events()
+        return self._progress.progress(run.id)
 
     def cancel(self, run: Run) -> bool:
         """Send SIGTERM to the run's process group; the harness tears down and reports canceled."""
@@ -136,6 +137,7 @@ class LocalDispatcher:
         with self._lock:
             self._pids.pop(run_id, None)
             self._finished.append(Finished(run_id, report, reason))
+        self._progress.forget(run_id)
         if self.doorbell:
             self.doorbell.ring()
 
