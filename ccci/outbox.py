@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from .errors import ForgeError
+from .forge import Forge
 from .store import OutboxItem, Store
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 410, 422, 423})
 class Courier:
     """Delivers outbox writes to the forge; owned by the worker process."""
 
-    def __init__(self, store: Store, forge: Any, *, base_backoff: float = 1.0):
+    def __init__(self, store: Store, forge: Forge, *, base_backoff: float = 1.0):
         self.store = store
         self.forge = forge
         self.base_backoff = base_backoff
@@ -105,10 +106,7 @@ class Courier:
             self.store.update_run(run.id, status_comment=comment_id)
 
     def _find_marked_comment(self, owner: str, repo: str, pr: int, marker: str) -> int | None:
-        list_comments = getattr(self.forge, "list_comments", None)
-        if list_comments is None:
-            return None
-        for comment in list_comments(owner, repo, pr):
+        for comment in self.forge.list_comments(owner, repo, pr):
             if marker in comment.get("body", ""):
                 return int(comment["id"])
         return None

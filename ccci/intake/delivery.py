@@ -19,7 +19,7 @@ from ..reporter import Reporter
 from ..store import Store
 from .event import CommentEvent, Ignored, MalformedEvent, parse_event
 from .grammar import Command, Ignore, Reply, parse_comment
-from .policy import refusal_text
+from .policy import in_allowed_users, refusal_text
 from .signature import verify_signature
 
 
@@ -63,12 +63,8 @@ def handle_delivery(
     return _test(settings, store, reporter, event)
 
 
-def _allowed_locally(settings: Settings, login: str) -> bool:
-    return login.lower() in {u.lower() for u in settings.ALLOWED_USERS}
-
-
 def _test(settings: Settings, store: Store, reporter: Reporter, event: CommentEvent) -> Outcome:
-    local = _allowed_locally(settings, event.author)
+    local = in_allowed_users(event.author, settings.ALLOWED_USERS)  # no forge call here
     if not local and not settings.ALLOWED_ORGS:
         with store.transaction():
             claimed, _ = store.claim_comment(

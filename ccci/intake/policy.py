@@ -21,6 +21,12 @@ class Decision:
     reason: str
 
 
+def in_allowed_users(login: str, allowed_users: Iterable[str]) -> bool:
+    """Tell whether ``login`` is on the allowlist (forge logins compare case-insensitively)."""
+    wanted = login.casefold()
+    return bool(login) and any(user.casefold() == wanted for user in allowed_users)
+
+
 def authorize(
     login: str,
     *,
@@ -31,8 +37,7 @@ def authorize(
     """Decide whether ``login`` may trigger runs; any doubt means no."""
     if not login:
         return Decision(False, "no login")
-    wanted = login.casefold()
-    if any(user.casefold() == wanted for user in allowed_users):
+    if in_allowed_users(login, allowed_users):
         return Decision(True, f"{login} is in ALLOWED_USERS")
     orgs = list(allowed_orgs)
     failures = []

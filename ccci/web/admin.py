@@ -7,6 +7,7 @@ from functools import wraps
 
 from flask import Blueprint, Flask, jsonify, request
 
+from ..harness.applock import list_locks
 from ..store import ACTIVE_STATES, STATES
 from . import services
 
@@ -51,8 +52,6 @@ def list_runs():
         pr=pr,
         limit=limit,
     )
-    from ..harness.applock import list_locks
-
     locks = [lock.to_dict() for lock in list_locks(s.settings.LOCK_DIR, s.settings.LOCK_LEAK_AFTER)]
     return jsonify({"runs": [_summary(r) for r in runs], "locks": locks})
 
