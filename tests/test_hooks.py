@@ -141,3 +141,31 @@ def test_run_artifacts_are_served_and_paths_cannot_escape(client, tmp_path):
     assert client.get(f"/runs/{run.id}/artifacts/../report.json").status_code == 404
     assert client.get(f"/runs/{run.id}/artifacts/%2e%2e/report.json").status_code == 404
     assert client.get(f"/runs/{run.id + 1}/artifacts/shots/home.png").status_code == 404
+
+
+def test_admin_runs_flags_a_lock_held_too_long_and_leaves_it_held(app_factory, tmp_path):
+    import fcntl
+    import os
+    import time
+    from dataclasses import asdict
+
+    from ccci.harness.applock import LockHolder, lock_path
+    from ccci.process import process_start_time
+
+    lock_dir = tmp_path / "locks"
+    lock_dir.mkdir()
+    client = app_factory(ADMIN_TOKEN="admin-token-0123456789", LOCK_DIR=lock_dir, LOCK_LEAK_AFTER=3600).test_client()
+    path = lock_path(lock_dir, "hello.ci.localhost")
+    holder = LockHolder("hello.ci.localhost", "12", "hello", os.getpid(), process_start_time(os.getpid()),
+                        time.time() - 2 * 3600)  # fmt: skip
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held by a live process (this one) for two hours
+        os.write(fd, json.dumps(asdict(holder)).encode())
+        answer = client.get("/admin/runs", headers={"Authorization": "Bearer admin-token-0123456789"})
+        [lock] = answer.json["locks"]
+        assert lock["held"] and lock["possible_leak"] and lock["holder"]["run_id"] == "12"
+        assert lock["reason"]
+        assert path.exists()  # flagged, never stolen
+    finally:
+        os.close(fd)

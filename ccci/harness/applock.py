@@ -104,6 +104,18 @@ class LockInfo:
     possible_leak: bool
     reason: str = ""  # why it is flagged; empty when it is not
 
+    def to_dict(self) -> dict:
+        """Return the lock as JSON-ready data, for /admin/runs."""
+        return {
+            "path": str(self.path),
+            "app_domain": self.app_domain,
+            "held": self.held,
+            "holder": asdict(self.holder) if self.holder is not None else None,
+            "age": self.age,
+            "possible_leak": self.possible_leak,
+            "reason": self.reason,
+        }
+
 
 class HeldLock:
     """A held app lock. Call it to release: the file is removed, then the flock dropped."""

@@ -261,6 +261,8 @@ def test_a_second_run_of_the_same_app_waits_visibly_and_never_overlaps(slow_worl
     )
     assert "hello.ci.localhost" in waiting.body
     assert not (world.marks / f"started-{second}").exists()
+    [lock] = world.admin("GET", "/admin/runs").json()["locks"]
+    assert lock["held"] and lock["holder"]["run_id"] == str(first) and not lock["possible_leak"]
     (world.marks / "release").touch()
     world.gitea.wait_for(lambda g: "success" in [s["state"] for s in g.statuses.get(second_sha, [])], timeout=60)
     assert (world.marks / f"started-{second}").stat().st_mtime >= (world.marks / f"teardown-{first}").stat().st_mtime
