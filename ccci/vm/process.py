@@ -95,7 +95,7 @@ class ProcessExecutor:
 class ProcessMachine:
     """A workspace directory where step commands run as process groups; closing kills them all."""
 
-    log_path = None
+    log_path: Path | None = None  # a sandbox has no machine log of its own
 
     def __init__(self, executor: ProcessExecutor, workspace: Path, name: str):
         self.executor = executor
