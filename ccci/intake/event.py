@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..names import is_id
+
 # Gitea names are [A-Za-z0-9_.-]; refusing a leading '.' or '-' keeps "..", option-like
 # arguments ("-x") and hidden paths out of the URLs and paths these become.
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
@@ -140,8 +142,8 @@ def _field(obj: Mapping[str, Any], key: str, kind: type, path: str = "") -> Any:
 
 def _positive(obj: Mapping[str, Any], path: str) -> int:
     value = obj.get(path.rsplit(".", 1)[-1])
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise MalformedEvent(f"{path} is missing or not a positive integer")
+    if not is_id(value):
+        raise MalformedEvent(f"{path} is missing or not a positive integer below 2^63")
     return value
 
 

@@ -8,7 +8,8 @@ from functools import wraps
 from flask import Blueprint, Flask, jsonify, request
 
 from ..harness.applock import list_locks
-from ..store import ACTIVE_STATES, STATES
+from ..names import MAX_ID, is_id
+from ..store import STATES
 from . import services
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -42,8 +43,11 @@ def list_runs():
     owner = repo = None
     if request.args.get("repo"):
         owner, _, repo = request.args["repo"].partition("/")
-    pr = request.args.get("pr", type=int)
-    limit = min(request.args.get("limit", default=100, type=int), 1000)
+    try:
+        pr = _number("pr")
+        limit = min(_number("limit") or 100, 1000)
+    except ValueError as exc:
+        return jsonify({"error": str(exc)}), 400
     runs = s.store.list_runs(
         states=states or None,
         recipe=request.args.get("recipe"),
@@ -65,10 +69,21 @@ def cancel_run(run_id: int):
     if run is None or run.state == "refused":
         return jsonify({"error": f"no run {run_id}"}), 404
     by = request.args.get("by") or "an operator"
-    if not s.store.update_run(run_id, only_if_state=ACTIVE_STATES, cancel_requested=1, canceled_by=by):
+    if not s.store.request_cancel(run_id, by):
         return jsonify({"error": f"run {run_id} already finished ({run.state})"}), 409
     s.doorbell.ring()
     return jsonify({"result": "cancel requested", "run": run_id}), 202
+
+
+def _number(name: str) -> int | None:
+    """Return query parameter ``name`` as a positive number, None when absent; ValueError when malformed."""
+    raw = request.args.get(name, "")
+    if not raw:
+        return None
+    value = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 19 else 0
+    if not is_id(value):
+        raise ValueError(f"{name} must be a whole number from 1 to {MAX_ID}, got {raw[:40]!r}")
+    return value
 
 
 def _summary(run) -> dict:
