@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clone-url", default=os.environ.get("CCCI_CLONE_URL"), help="recipe repository URL")
     p.add_argument("--pr", type=int, default=os.environ.get("CCCI_PR"), help="pull request number")
     p.add_argument("--sha", default=os.environ.get("CCCI_SHA"), help="the commit to test (40 hex)")
+    p.add_argument("--private", action="store_true", help="the repository is private: clone with the forge token")
+    p.add_argument("--parent-pid", type=int, help="the process that started the run; it ends when that one dies")
+    p.add_argument("--gate", action="store_true", help="wait for 'start' on stdin before touching anything")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("test", help="run one recipe's CI here and now, without a forge")
@@ -109,7 +112,14 @@ def cmd_run(settings, args) -> int:
     if missing:
         raise CcciError(f"run: missing {', '.join('--' + m.replace('_', '-') for m in missing)}")
     request = RunRequest.checked(
-        run_id=args.run_id, recipe=args.recipe, clone_url=args.clone_url, pr=args.pr, sha=args.sha
+        run_id=args.run_id,
+        recipe=args.recipe,
+        clone_url=args.clone_url,
+        pr=args.pr,
+        sha=args.sha,
+        private=args.private,
+        parent_pid=args.parent_pid,
+        gate=args.gate,
     )
     _report, code = execute(settings, request, echo=sys.stdout)
     return code
@@ -131,6 +141,7 @@ def cmd_test(settings, args) -> int:
     request = RunRequest.checked(run_id=f"local-{os.getpid()}", recipe=recipe, source=source, ci_file=ci_file)
     printer = TerminalProgress(sys.stderr)
     report, code = execute(settings, request, on_event=printer)
+    assert report is not None  # only a gated harness ends without one
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -158,14 +169,14 @@ def cmd_runs(settings, args) -> int:
 def cmd_cancel(settings, args) -> int:
     """Ask the worker to cancel a run."""
     from .doorbell import Doorbell
-    from .store import ACTIVE_STATES, Store
+    from .store import Store
 
     store = Store(settings.db_path)
     run = store.get_run(args.run_id)
     if run is None or run.state == "refused":
         raise CcciError(f"cancel: no run {args.run_id}")
     by = f"{os.environ.get('USER', 'an operator')} (command line)"
-    if not store.update_run(run.id, only_if_state=ACTIVE_STATES, cancel_requested=1, canceled_by=by):
+    if not store.request_cancel(run.id, by):
         raise CcciError(f"cancel: run {run.id} already finished ({run.state})")
     Doorbell(settings.STATE_DIR / "worker.sock").ring()
     print(f"run {run.id}: cancel requested")

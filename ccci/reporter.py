@@ -136,14 +136,19 @@ class Reporter:
 
     def refuse(self, *, owner: str, repo: str, pr: int, comment_id: int, login: str, text: str) -> None:
         """React ``confused``; explain once per user and PR, never more."""
-        self.react_to(owner, repo, comment_id, "confused")
-        if self.store.note_refusal(repo=f"{owner}/{repo}", pr=pr, login=login):
-            self.store.enqueue("comment", {"owner": owner, "repo": repo, "pr": pr, "body": text})
+        self.reply(owner=owner, repo=repo, pr=pr, comment_id=comment_id, login=login, text=text)
 
-    def reply(self, *, owner: str, repo: str, pr: int, comment_id: int, text: str) -> None:
-        """Answer a comment with a short text (usage help)."""
+    def reply(
+        self, *, owner: str, repo: str, pr: int, comment_id: int, login: str, text: str, once: bool = True
+    ) -> None:
+        """React ``confused`` and answer with a short text (usage help, a refusal, a limit).
+
+        With ``once``, a user gets at most one such answer per PR, refusals and usage together:
+        nobody can make ccci talk by repeating a command.
+        """
         self.react_to(owner, repo, comment_id, "confused")
-        self.store.enqueue("comment", {"owner": owner, "repo": repo, "pr": pr, "body": text})
+        if not once or self.store.note_answer(repo=f"{owner}/{repo}", pr=pr, login=login):
+            self.store.enqueue("comment", {"owner": owner, "repo": repo, "pr": pr, "body": text})
 
     def react_to(self, owner: str, repo: str, comment_id: int, content: str, run_id: int | None = None) -> None:
         """Put a reaction on any comment."""

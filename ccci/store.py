@@ -1,4 +1,4 @@
-"""Durable state in SQLite (WAL): runs, comment claims, refusals and the outbox of forge writes.
+"""Durable state in SQLite (WAL): runs, comment claims, answers, commands and the outbox of forge writes.
 
 The store is the only state shared by the web processes, the worker and the run processes of
 one host. Each method is one short transaction; ``BEGIN IMMEDIATE`` takes the write lock up
@@ -6,6 +6,8 @@ front so concurrent writers queue on SQLite's busy timeout instead of failing ha
 
 A Run is one accepted ``!testme``: it moves queued → running → one final state, exactly once.
 A claim ties a forge comment to the run it made, so a comment can never make a second run.
+An answer records that ccci replied to a user on a PR (a refusal or usage help): at most once.
+A command is a ``!testme`` line the worker must check permission for before it acts or replies.
 An outbox row is one forge write waiting to be delivered; rows of one run go out in order.
 """
 
@@ -21,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from .names import is_id
 
 FINAL_STATES = ("passed", "failed", "error", "canceled", "timed_out")
 ACTIVE_STATES = ("queued", "running")
@@ -65,7 +69,7 @@ CREATE TABLE IF NOT EXISTS claims (
     PRIMARY KEY (repo, comment_id)
 );
 
-CREATE TABLE IF NOT EXISTS refusals (
+CREATE TABLE IF NOT EXISTS answers (
     repo  TEXT NOT NULL,
     pr    INTEGER NOT NULL,
     login TEXT NOT NULL,
@@ -73,8 +77,9 @@ CREATE TABLE IF NOT EXISTS refusals (
     PRIMARY KEY (repo, pr, login)
 );
 
-CREATE TABLE IF NOT EXISTS cancel_requests (
+CREATE TABLE IF NOT EXISTS commands (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    command     TEXT NOT NULL,
     owner       TEXT NOT NULL,
     repo        TEXT NOT NULL,
     pr          INTEGER NOT NULL,
@@ -127,6 +132,7 @@ class Run:
     created_at: float
     started_at: float | None
     finished_at: float | None
+    private: int = 0  # the repository is private: its checkout needs the forge token
 
     @property
     def full_name(self) -> str:
@@ -147,6 +153,23 @@ class Run:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["report"] = self.report_dict()
         return data
+
+
+@dataclass(frozen=True)
+class PendingCommand:
+    """A ``!testme cancel`` or a malformed ``!testme …`` waiting for the worker's permission check."""
+
+    id: int
+    command: str  # "cancel" | "usage"
+    owner: str
+    repo: str
+    pr: int
+    login: str
+    comment_id: int | None
+
+
+# Columns added after the first release: added to an existing database when it is opened.
+_ADDED_COLUMNS = {"runs": {"private": "INTEGER NOT NULL DEFAULT 0"}}
 
 
 @dataclass
@@ -172,6 +195,24 @@ class Store:
         self._local = threading.local()
         # executescript manages its own transaction; CREATE ... IF NOT EXISTS makes it idempotent.
         self._connection().executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a database made by an older ccci up to this schema."""
+        with self._tx() as db:
+            for table, columns in _ADDED_COLUMNS.items():
+                have = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+                for name, decl in columns.items():
+                    if name not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+            # cancel_requests became commands (cancel and usage); carry over what was pending.
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'cancel_requests'").fetchone():
+                db.execute(
+                    "INSERT INTO commands (command, owner, repo, pr, login, comment_id, at) "
+                    "SELECT 'cancel', owner, repo, pr, login, comment_id, at FROM cancel_requests "
+                    "WHERE handled_at IS NULL"
+                )
+                db.execute("DROP TABLE cancel_requests")
 
     # -- connections -------------------------------------------------------------------------
 
@@ -262,7 +303,9 @@ class Store:
             return True, _run(db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone())
 
     def get_run(self, run_id: int) -> Run | None:
-        """Return one run, or None."""
+        """Return one run, or None (also for an id no run can have)."""
+        if not is_id(run_id):
+            return None
         row = self._connection().execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         return _run(row) if row else None
 
@@ -312,46 +355,51 @@ class Store:
         )
         return int(row[0])
 
-    def note_refusal(self, *, repo: str, pr: int, login: str) -> bool:
-        """Record that ``login`` was refused on this PR; True only the first time."""
+    def note_answer(self, *, repo: str, pr: int, login: str) -> bool:
+        """Record that ccci answered ``login`` on this PR (refusal or usage); True only the first time."""
         with self._tx() as db:
             cur = db.execute(
-                "INSERT OR IGNORE INTO refusals (repo, pr, login, at) VALUES (?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO answers (repo, pr, login, at) VALUES (?, ?, ?, ?)",
                 (repo, pr, login.lower(), time.time()),
             )
             return cur.rowcount == 1
 
-    def count_recent_runs(self, requester: str, since: float) -> int:
-        """Count the runs a user started since a time."""
-        row = (
-            self._connection()
-            .execute(
-                "SELECT COUNT(*) FROM runs WHERE requester = ? AND created_at >= ? AND state != 'refused'",
-                (requester, since),
-            )
-            .fetchone()
-        )
-        return int(row[0])
+    def count_recent_runs(self, requester: str, since: float, *, up_to: int | None = None) -> int:
+        """Count the runs a user started since a time (with ``up_to``, only runs up to that id)."""
+        sql = "SELECT COUNT(*) FROM runs WHERE requester = ? AND created_at >= ? AND state != 'refused'"
+        args: list[Any] = [requester, since]
+        if up_to is not None:
+            sql += " AND id <= ?"
+            args.append(up_to)
+        return int(self._connection().execute(sql, args).fetchone()[0])
 
-    def request_cancel_by_comment(self, *, owner: str, repo: str, pr: int, login: str, comment_id: int) -> None:
-        """Record a ``!testme cancel``; the worker decides whether ``login`` may cancel."""
+    def request_cancel(self, run_id: int, by: str) -> bool:
+        """Ask for a queued or running run to be canceled by ``by``; False if it is not active.
+
+        Every way to cancel — a comment, the admin API, the command line, a newer run that
+        supersedes it — comes through here; the worker then dequeues or signals the run.
+        """
+        return self.update_run(run_id, only_if_state=ACTIVE_STATES, cancel_requested=1, canceled_by=by)
+
+    def record_command(
+        self, command: str, *, owner: str, repo: str, pr: int, login: str, comment_id: int | None
+    ) -> None:
+        """Record a command the worker must check ``login``'s permission for before acting on it."""
         with self._tx() as db:
             db.execute(
-                "INSERT INTO cancel_requests (owner, repo, pr, login, comment_id, at) VALUES (?, ?, ?, ?, ?, ?)",
-                (owner, repo, pr, login, comment_id, time.time()),
+                "INSERT INTO commands (command, owner, repo, pr, login, comment_id, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (command, owner, repo, pr, login, comment_id, time.time()),
             )
 
-    def pending_cancel_requests(self) -> list[dict[str, Any]]:
-        """Return the ``!testme cancel`` requests not yet handled, oldest first."""
-        rows = (
-            self._connection().execute("SELECT * FROM cancel_requests WHERE handled_at IS NULL ORDER BY id").fetchall()
-        )
-        return [dict(r) for r in rows]
+    def pending_commands(self) -> list[PendingCommand]:
+        """Return the commands not yet handled, oldest first."""
+        rows = self._connection().execute("SELECT * FROM commands WHERE handled_at IS NULL ORDER BY id").fetchall()
+        return [PendingCommand(**{f.name: r[f.name] for f in fields(PendingCommand)}) for r in rows]
 
-    def mark_cancel_request_handled(self, request_id: int) -> None:
-        """Mark a ``!testme cancel`` request as handled."""
+    def mark_command_handled(self, command_id: int) -> None:
+        """Mark a command as handled."""
         with self._tx() as db:
-            db.execute("UPDATE cancel_requests SET handled_at = ? WHERE id = ?", (time.time(), request_id))
+            db.execute("UPDATE commands SET handled_at = ? WHERE id = ?", (time.time(), command_id))
 
     # -- outbox ------------------------------------------------------------------------------
 
@@ -413,11 +461,16 @@ class Store:
         with self._tx() as db:
             return db.execute(sql, args).rowcount == 1
 
+    def mark_attempt(self, item_id: int) -> None:
+        """Record that a write is about to be sent: a crash from here on may leave it delivered."""
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?", (item_id,))
+
     def mark_failed(self, item_id: int, error: str, next_attempt: float) -> None:
         """Record a failed delivery and when to try again."""
         with self._tx() as db:
             db.execute(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_attempt = ? WHERE id = ?",
+                "UPDATE outbox SET last_error = ?, next_attempt = ? WHERE id = ?",
                 (error[:500], next_attempt, item_id),
             )
 

@@ -53,11 +53,11 @@ def test_update_only_from_given_states(tmp_path):
     assert not store.update_run(run.id, only_if_state=("queued", "running"), state="failed")
 
 
-def test_refusal_is_noted_once_per_user_and_pr(tmp_path):
+def test_an_answer_is_noted_once_per_user_and_pr(tmp_path):
     store = Store(tmp_path / "db")
-    assert store.note_refusal(repo="o/r", pr=1, login="Mallory")
-    assert not store.note_refusal(repo="o/r", pr=1, login="mallory")
-    assert store.note_refusal(repo="o/r", pr=2, login="mallory")
+    assert store.note_answer(repo="o/r", pr=1, login="Mallory")
+    assert not store.note_answer(repo="o/r", pr=1, login="mallory")
+    assert store.note_answer(repo="o/r", pr=2, login="mallory")
 
 
 def test_outbox_coalesces_pending_writes_and_keeps_order(tmp_path):

@@ -19,7 +19,7 @@ from ..reporter import Reporter
 from ..store import Store
 from .event import CommentEvent, Ignored, MalformedEvent, parse_event
 from .grammar import Command, Ignore, Reply, parse_comment
-from .policy import in_allowed_users, refusal_text
+from .policy import in_allowed_users, limit_text, refusal_text
 from .signature import verify_signature
 
 
@@ -42,8 +42,10 @@ def handle_delivery(
         return Outcome(401, {"error": "bad or missing signature"})
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError):  # JSONDecodeError, and numbers too long to convert
         return Outcome(400, {"error": "body is not JSON"})
+    except RecursionError:
+        return Outcome(400, {"error": "body is nested too deeply"})
     if not isinstance(payload, dict):
         return Outcome(400, {"error": "body is not a JSON object"})
     try:
@@ -56,7 +58,7 @@ def handle_delivery(
     if isinstance(parsed, Ignore):
         return Outcome(200, {"result": "ignored", "reason": parsed.reason})
     if isinstance(parsed, Reply):
-        return _reply(store, reporter, event, parsed.text)
+        return _usage(settings, store, reporter, event, parsed.text)
     assert isinstance(parsed, Command)
     if parsed.name == "cancel":
         return _cancel(store, event)
@@ -80,16 +82,23 @@ def _test(settings: Settings, store: Store, reporter: Reporter, event: CommentEv
                     text=refusal_text(event.author, settings.TRIGGER),
                 )
         return Outcome(200, {"result": "refused", "reason": f"{event.author} may not trigger runs"}, claimed)
-    since = time.time() - 3600
-    if store.count_recent_runs(event.author, since) >= settings.RUNS_PER_HOUR:
-        return _reply(
-            store,
-            reporter,
-            event,
-            f"@{event.author}, you have started {settings.RUNS_PER_HOUR} runs in the last hour, which is the "
-            f"limit here. Please try `{settings.TRIGGER}` again in a while.",
-            result="limited",
-        )
+    # Only users the allowlist already vouches for are limited here; organisation members are
+    # limited by the worker once it knows they are members, so strangers never get an answer.
+    if local and store.count_recent_runs(event.author, time.time() - 3600) >= settings.RUNS_PER_HOUR:
+        with store.transaction():
+            claimed, _ = store.claim_comment(
+                owner=event.owner, repo=event.repo, comment_id=event.comment_id, action="limited"
+            )
+            if claimed:
+                reporter.reply(
+                    owner=event.owner,
+                    repo=event.repo,
+                    pr=event.pr,
+                    comment_id=event.comment_id,
+                    login=event.author,
+                    text=limit_text(event.author, settings.RUNS_PER_HOUR, settings.TRIGGER),
+                )
+        return Outcome(200, {"result": "limited" if claimed else "ignored"}, wake_worker=claimed)
     recipe = event.repo
     # The claim, the run and its acknowledgement commit together: all of them or none.
     with store.transaction():
@@ -107,10 +116,10 @@ def _test(settings: Settings, store: Store, reporter: Reporter, event: CommentEv
                 "authorized": int(local),
             },
         )
-        if claimed and local:
+        if claimed and local and run is not None:
             reporter.react(run, "eyes")
             reporter.queued(run)
-    if not claimed:
+    if not claimed or run is None:
         return Outcome(
             200,
             {"result": "ignored", "reason": "comment already handled", "run": run.id if run else None},
@@ -121,12 +130,38 @@ def _test(settings: Settings, store: Store, reporter: Reporter, event: CommentEv
     return Outcome(202, body, wake_worker=True)
 
 
-def _reply(store: Store, reporter: Reporter, event: CommentEvent, text: str, result: str = "replied") -> Outcome:
+def _usage(settings: Settings, store: Store, reporter: Reporter, event: CommentEvent, text: str) -> Outcome:
+    """Answer a malformed command with usage help, only to someone who may use ccci, once per PR."""
+    local = in_allowed_users(event.author, settings.ALLOWED_USERS)
     with store.transaction():
-        claimed, _ = store.claim_comment(owner=event.owner, repo=event.repo, comment_id=event.comment_id, action=result)
-        if claimed:
-            reporter.reply(owner=event.owner, repo=event.repo, pr=event.pr, comment_id=event.comment_id, text=text)
-    return Outcome(200, {"result": result if claimed else "ignored"}, wake_worker=claimed)
+        claimed, _ = store.claim_comment(
+            owner=event.owner, repo=event.repo, comment_id=event.comment_id, action="usage"
+        )
+        if claimed and local:
+            reporter.reply(
+                owner=event.owner,
+                repo=event.repo,
+                pr=event.pr,
+                comment_id=event.comment_id,
+                login=event.author,
+                text=text,
+            )
+        elif claimed and settings.ALLOWED_ORGS:  # the worker checks membership before it says a word
+            store.record_command(
+                "usage",
+                owner=event.owner,
+                repo=event.repo,
+                pr=event.pr,
+                login=event.author,
+                comment_id=event.comment_id,
+            )
+    if not claimed:
+        return Outcome(200, {"result": "ignored", "reason": "comment already handled"})
+    if local:
+        return Outcome(200, {"result": "replied"}, wake_worker=True)
+    if settings.ALLOWED_ORGS:
+        return Outcome(200, {"result": "pending", "reason": "organisation membership check"}, wake_worker=True)
+    return Outcome(200, {"result": "ignored", "reason": f"{event.author} may not use ccci"})
 
 
 def _cancel(store: Store, event: CommentEvent) -> Outcome:
@@ -134,7 +169,7 @@ def _cancel(store: Store, event: CommentEvent) -> Outcome:
     if not claimed:
         return Outcome(200, {"result": "ignored", "reason": "comment already handled"})
     # The worker checks who may cancel, then cancels through the harness' own teardown.
-    store.request_cancel_by_comment(
-        owner=event.owner, repo=event.repo, pr=event.pr, login=event.author, comment_id=event.comment_id
+    store.record_command(
+        "cancel", owner=event.owner, repo=event.repo, pr=event.pr, login=event.author, comment_id=event.comment_id
     )
     return Outcome(202, {"result": "cancel requested"}, wake_worker=True)

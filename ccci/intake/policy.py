@@ -4,7 +4,9 @@ Fail closed, like cc-ci and yunorunner: a login is allowed if it is in ``ALLOWED
 (compared case-insensitively, as Gitea compares logins) or the forge confirms it is a member
 of one of ``ALLOWED_ORGS``. Nothing configured means nobody; a membership check that fails
 (forge down, token refused, anything raised) counts as "not a member", and the reason says so
-for the log. ``author_association``-style hints in the payload are never trusted.
+for the log. ``author_association``-style hints in the payload are never trusted. A refusal that
+only a transient failure caused (the forge was down) says so, ``uncertain``, so that the worker
+can ask again later instead of refusing someone it simply could not check.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class Decision:
 
     allowed: bool
     reason: str
+    uncertain: bool = False  # refused only because a check could not be made (forge down): ask again
 
 
 def in_allowed_users(login: str, allowed_users: Iterable[str]) -> bool:
@@ -41,11 +44,13 @@ def authorize(
         return Decision(True, f"{login} is in ALLOWED_USERS")
     orgs = list(allowed_orgs)
     failures = []
+    uncertain = False
     for org in orgs:
         try:
             member = is_org_member(org, login)
         except Exception as exc:  # fail closed on anything the check raises, and say what
             failures.append(f"membership check in {org} failed ({type(exc).__name__}: {exc})")
+            uncertain = uncertain or bool(getattr(exc, "transient", False))
             continue
         if member is True:
             return Decision(True, f"{login} is a member of {org}")
@@ -55,7 +60,7 @@ def authorize(
         reason = f"{login} is not in ALLOWED_USERS nor a confirmed member of {', '.join(orgs)}"
     if failures:
         reason += "; " + "; ".join(failures)
-    return Decision(False, reason)
+    return Decision(False, reason, uncertain)
 
 
 def refusal_text(login: str, trigger: str = "!testme") -> str:
@@ -63,4 +68,12 @@ def refusal_text(login: str, trigger: str = "!testme") -> str:
     return (
         f"@{login}, only maintainers of this recipe can start tests with `{trigger}`, so I have "
         f"not run anything. A maintainer can comment `{trigger}` to test this pull request."
+    )
+
+
+def limit_text(login: str, runs_per_hour: int, trigger: str = "!testme") -> str:
+    """Return the one comment that tells ``login`` they reached the hourly limit of runs."""
+    return (
+        f"@{login}, you have started {runs_per_hour} runs in the last hour, which is the limit here. "
+        f"Please try `{trigger}` again in a while."
     )
