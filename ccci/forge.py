@@ -43,6 +43,7 @@ class PullRequest:
     head_ref: str
     base_clone_url: str  # where refs/pull/<number>/head can be fetched, forks included
     html_url: str
+    private: bool = False  # the base repository is private: fetching it needs the token
 
 
 class Forge(Protocol):
@@ -76,6 +77,10 @@ class Forge(Protocol):
         self, owner: str, repo: str, sha: str, *, state: str, description: str, target_url: str, context: str
     ) -> None:
         """Set commit status ``context`` of ``sha``."""
+        ...
+
+    def latest_status(self, owner: str, repo: str, sha: str, context: str) -> dict[str, Any] | None:
+        """Return the newest status of ``context`` on ``sha`` as the forge's JSON, or None."""
         ...
 
 
@@ -143,6 +148,7 @@ class GiteaClient:
                 head_ref=str(head.get("ref") or ""),
                 base_clone_url=str((base.get("repo") or {}).get("clone_url") or ""),
                 html_url=str(data.get("html_url") or ""),
+                private=(base.get("repo") or {}).get("private") is True,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ForgeError(f"GET pull {owner}/{repo}#{number}: unexpected response ({exc!r})") from None
@@ -209,6 +215,17 @@ class GiteaClient:
         path = f"/repos/{_seg(owner)}/{_seg(repo)}/statuses/{sha}"
         body = {"state": state, "description": description, "target_url": target_url, "context": context}
         self._request("POST", path, json=body, check=True)
+
+    def latest_status(self, owner: str, repo: str, sha: str, context: str) -> dict[str, Any] | None:
+        """Return the newest status of ``context`` on ``sha``, from the combined status (latest per context)."""
+        if not _SHA.match(sha):
+            raise ValueError(f"{sha[:80]!r} is not a commit sha")
+        path = f"/repos/{_seg(owner)}/{_seg(repo)}/commits/{sha}/status"
+        data = self._json("GET", path)
+        statuses = data.get("statuses") if isinstance(data, dict) else None
+        if not isinstance(statuses, list):
+            raise ForgeError(f"GET {path}: unexpected response")
+        return next((s for s in statuses if isinstance(s, dict) and s.get("context") == context), None)
 
     # -- plumbing --------------------------------------------------------------------------------
 

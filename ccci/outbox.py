@@ -7,6 +7,13 @@ that fails stays in the outbox and is tried again later, with exponential backof
 
 Writes of one run go out in order: while one is failing, the run's later writes wait behind
 it, so an edit never overtakes the comment it edits and ``success`` never precedes ``pending``.
+
+Sending a write and marking it delivered are two steps, and a crash can fall between them. So
+every attempt is counted before it is sent, and a write that was attempted before is checked
+against the forge first: a status is compared with the latest status of its context, a comment
+carries a hidden key (``<!-- ccci:out=<id> -->``) and is looked for among the PR's comments,
+the run's own comment is found by its marker, and a reaction is idempotent on the forge itself.
+Nothing ccci says is said twice.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ class Courier:
                     blocked_runs.add(item.run_id)
                 next_due = item.next_attempt if next_due is None else min(next_due, item.next_attempt)
                 continue
+            self.store.mark_attempt(item.id)
             try:
                 self._deliver(item)
             except ForgeError as exc:
@@ -72,8 +80,13 @@ class Courier:
         if item.kind == "reaction":
             self.forge.add_reaction(p["owner"], p["repo"], p["comment_id"], p["content"])
         elif item.kind == "comment":
-            self.forge.create_comment(p["owner"], p["repo"], p["pr"], p["body"])
+            key = out_key(item.id)
+            if item.attempts and self._find_comment(p["owner"], p["repo"], p["pr"], key) is not None:
+                return  # an earlier attempt got through before the crash that hid it
+            self.forge.create_comment(p["owner"], p["repo"], p["pr"], f"{p['body']}\n\n{key}")
         elif item.kind == "status":
+            if item.attempts and self._status_is_there(p):
+                return
             self.forge.set_status(
                 p["owner"],
                 p["repo"],
@@ -106,7 +119,26 @@ class Courier:
             self.store.update_run(run.id, status_comment=comment_id)
 
     def _find_marked_comment(self, owner: str, repo: str, pr: int, marker: str) -> int | None:
+        return self._find_comment(owner, repo, pr, marker)
+
+    def _find_comment(self, owner: str, repo: str, pr: int, key: str) -> int | None:
         for comment in self.forge.list_comments(owner, repo, pr):
-            if marker in comment.get("body", ""):
+            if key in comment.get("body", ""):
                 return int(comment["id"])
         return None
+
+    def _status_is_there(self, p: dict[str, Any]) -> bool:
+        latest = self.forge.latest_status(p["owner"], p["repo"], p["sha"], p["context"])
+        if latest is None:
+            return False
+        state = latest.get("status", latest.get("state"))  # Gitea's CommitStatus calls it "status"
+        return (state, latest.get("description", ""), latest.get("target_url", "")) == (
+            p["state"],
+            p["description"],
+            p.get("target_url", ""),
+        )
+
+
+def out_key(item_id: int) -> str:
+    """Return the hidden key a comment of outbox write ``item_id`` carries, to be found again."""
+    return f"<!-- ccci:out={item_id} -->"

@@ -318,6 +318,18 @@ class FakeGitea(FakeServer):
         entries.append(status)
         return 201, status, {}
 
+    def _combined_status(self, body: Any, query: Any, owner: str, repo: str, ref: str) -> tuple[int, Any, dict]:
+        # routers/api/v1/repo/status.go GetCombinedCommitStatusByRef: the latest status per context.
+        latest: dict[str, dict[str, Any]] = {}
+        for status in self.statuses.get(ref, []):
+            latest[status["context"]] = status
+        statuses = list(latest.values())
+        order = ("error", "failure", "warning", "pending", "success")
+        state = next((s for s in order if any(x["state"] == s for x in statuses)), "")
+        repo_json = self._repo_json(owner, repo)
+        return 200, {"state": state, "sha": ref, "total_count": len(statuses), "statuses": statuses,
+                     "repository": repo_json, "commit_url": "", "url": ""}, {}  # fmt: skip
+
     # -- JSON shapes (modules/structs) -----------------------------------------------------------
 
     def _repo_json(self, owner: str, repo: str) -> dict[str, Any]:
@@ -434,6 +446,11 @@ _ROUTES: list[tuple[str, str, Callable[..., tuple[int, Any, dict[str, str]]]]] =
         "POST",
         r"/api/v1/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/statuses/(?P<sha>[0-9a-f]{40,64})",
         FakeGitea._set_status,
+    ),
+    (
+        "GET",
+        r"/api/v1/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/commits/(?P<ref>[^/]+)/status",
+        FakeGitea._combined_status,
     ),
 ]
 
