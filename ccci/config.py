@@ -20,7 +20,8 @@ from .errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "CCCI_"
-DURATION_KEYS = ("RUN_TIMEOUT", "LOCK_WAIT", "LOCK_LEAK_AFTER")
+DURATION_KEYS = ("RUN_TIMEOUT", "LOCK_WAIT", "LOCK_LEAK_AFTER", "ADMIT_TIMEOUT", "RUN_GRACE")
+SECRET_KEYS = ("FORGE_TOKEN", "WEBHOOK_SECRET", "ADMIN_TOKEN", "DRONE_TOKEN")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class Settings:
     MAX_BODY: int = 1024 * 1024
     KEEP_SANDBOX: bool = False
     SANDBOX_WRITABLE: tuple[str, ...] = ()
+    SANDBOX_USER: str = "nobody"
+    ADMIT_TIMEOUT: int = 1800
+    RUN_GRACE: int = 900
 
     @property
     def db_path(self) -> Path:
@@ -67,12 +71,14 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Return every configured secret value, for redaction."""
-        return [v for v in (self.FORGE_TOKEN, self.WEBHOOK_SECRET, self.ADMIN_TOKEN, self.DRONE_TOKEN) if v]
+        return [v for v in (getattr(self, key) for key in SECRET_KEYS) if v]
 
-    def to_env(self) -> dict[str, str]:
-        """Render these settings as ``CCCI_*`` variables, for a child process."""
+    def to_env(self, *, secrets: bool = True) -> dict[str, str]:
+        """Render these settings as ``CCCI_*`` variables, for a child process (without the tokens)."""
         env = {}
         for f in fields(self):
+            if not secrets and f.name in SECRET_KEYS:
+                continue
             value = getattr(self, f.name)
             if isinstance(value, tuple):
                 value = ",".join(value)
@@ -114,6 +120,9 @@ DESCRIPTIONS = {
     "MAX_BODY": "Largest webhook body accepted, in bytes",
     "KEEP_SANDBOX": "Keep each run's sandbox after it ends, for debugging",
     "SANDBOX_WRITABLE": "Host paths steps may write besides their checkout and ABRA_DIR (process sandbox)",
+    "SANDBOX_USER": "The user steps run as in the process sandbox when ccci runs as root (never root itself)",
+    "RUN_GRACE": "Seconds past RUN_TIMEOUT after which the worker kills a harness that has not ended (teardown's time)",
+    "ADMIT_TIMEOUT": "Seconds a run may wait to be admitted (the forge unreachable) before it ends with an error",
 }
 
 _CHOICES = {"DISPATCH": ("local", "drone"), "EXECUTOR": ("auto", "qemu", "local")}
@@ -190,12 +199,14 @@ def _validated(s: Settings) -> Settings:
         url = getattr(s, key)
         if url and (urlparse(url).scheme not in ("http", "https") or not urlparse(url).netloc):
             raise ConfigError(key, f"must be an http(s) URL, got {url!r}")
-    for key in ("MAX_RUNS", "RUN_TIMEOUT", "MAX_BODY", "RUNS_PER_HOUR", "LOCK_LEAK_AFTER"):
+    for key in ("MAX_RUNS", "RUN_TIMEOUT", "MAX_BODY", "RUNS_PER_HOUR", "LOCK_LEAK_AFTER", "ADMIT_TIMEOUT"):
         if getattr(s, key) < 1:
             raise ConfigError(key, "must be at least 1")
     for path in s.SANDBOX_WRITABLE:
         if not path.startswith("/"):
             raise ConfigError("SANDBOX_WRITABLE", f"{path!r} is not an absolute path")
+    if s.LOCK_WAIT < 0 or s.RUN_GRACE < 0:
+        raise ConfigError("LOCK_WAIT" if s.LOCK_WAIT < 0 else "RUN_GRACE", "must not be negative")
     if s.LOCK_WAIT < 0:
         raise ConfigError("LOCK_WAIT", "must not be negative")
     if not s.TRIGGER.startswith("!") or any(c.isspace() for c in s.TRIGGER) or len(s.TRIGGER) < 2:

@@ -4,6 +4,9 @@ STATE_DIR/runs/<id>/
 ├── log            every step's output as it comes, redacted, prefixed by step name
 ├── events.jsonl   one JSON event a line: queued, started, finished (live progress)
 ├── report.json    the final typed report, written once, atomically
+├── began          present once the harness started the pipeline: a run whose harness died
+│                  before that never ran a step, and may simply be started again
+├── artifacts/     files the steps left in .ccci/artifacts, checked and redacted
 └── abra/          the run's ABRA_DIR sandbox (see harness.sandbox), gone after teardown
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +30,41 @@ class RunFiles:
         self.events = self.dir / "events.jsonl"
         self.report = self.dir / "report.json"
         self.artifacts = self.dir / "artifacts"
+        self.began = self.dir / "began"
 
     def create(self) -> None:
         """Make the directory."""
         self.dir.mkdir(parents=True, exist_ok=True)
+
+    def mark_began(self) -> None:
+        """Record that the pipeline is about to start: from here on a step may have run."""
+        self.began.touch()
+
+    def has_begun(self) -> bool:
+        """Tell whether the harness ever started this run's pipeline."""
+        return self.began.exists()
+
+    def scrub(self, redact_bytes: Callable[[bytes], bytes]) -> list[str]:
+        """Redact every file the run left (log, events, report, artifacts) in place; return those changed.
+
+        The harness redacts what it writes with the secrets it holds; the worker, which holds
+        them all (the webhook secret and the admin token never reach a harness), goes over the
+        files once more when the run has ended.
+        """
+        changed = []
+        for path in sorted(p for p in self.dir.rglob("*") if p.is_file() and not p.is_symlink()):
+            data = path.read_bytes()
+            clean = redact_bytes(data)
+            if clean != data:
+                tmp = path.with_name(path.name + ".scrub")
+                tmp.write_bytes(clean)
+                os.replace(tmp, path)
+                changed.append(str(path.relative_to(self.dir)))
+        return changed
+
+    def sandbox_exists(self) -> bool:
+        """Tell whether the run's ABRA_DIR sandbox (or its owner file) is still there."""
+        return (self.dir / "abra").exists() or (self.dir / "sandbox-owner.json").exists()
 
     def write_report(self, report: dict[str, Any]) -> None:
         """Write the report atomically: readers see the old file or the whole new one."""

@@ -171,6 +171,7 @@ def test_sweep_reaps_a_dead_runs_app_through_its_recipes_teardown_and_leaves_not
         '    run: echo "$APP_DOMAIN run $CCCI_RUN" >> "$ABRA_DIR/servers/reaped"\n'
     )
     (tmp_path / "abra" / "servers").mkdir(parents=True)
+    (tmp_path / "abra" / "servers").chmod(0o1777)  # steps run as SANDBOX_USER (nobody) under root
     dead = subprocess.Popen(["true"])
     dead.wait()
     lock_dir = tmp_path / "locks"

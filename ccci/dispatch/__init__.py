@@ -9,6 +9,7 @@ directory (``RunFiles``) and also prints them on stdout as ``::ccci-event <json>
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,13 +28,19 @@ class Finished:
     run_id: int
     report: dict[str, Any] | None
     reason: str = ""  # when report is None: what happened instead (exit status, build state)
+    requeue: bool = False  # no report, and no step ever ran: the run may simply start again
+    timed_out: bool = False  # the dispatcher killed it past its hard deadline
+    cleanup: str = ""  # when report is None: what was cleaned up after it, or what is left
 
 
 class Dispatcher(Protocol):
     """What the worker needs from a place that executes runs."""
 
-    def start(self, run: Run) -> str:
-        """Start the harness for ``run``; return a reference kept in ``runs.dispatch_ref``."""
+    poll_interval: float  # how often the worker must call poll() while runs are active
+
+    def start(self, run: Run, record: Callable[[str], None] | None = None) -> str:
+        """Start the harness for ``run``; ``record`` its reference (kept in ``runs.dispatch_ref``)
+        before the harness can run a step; return the reference."""
         ...
 
     def active(self) -> set[int]:
@@ -54,6 +61,10 @@ class Dispatcher(Protocol):
 
     def adopt(self, run: Run) -> None:
         """Watch a run started before a restart of the worker (state running, ``dispatch_ref`` set)."""
+        ...
+
+    def sweep(self) -> str:
+        """Free what dead runs left where this dispatcher runs them; return a summary for the log."""
         ...
 
 

@@ -32,6 +32,8 @@ import logging
 import os
 import re
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -41,6 +43,7 @@ import requests
 from ..config import Settings
 from ..errors import CcciError, ConfigError, PermanentInfraError, TransientInfraError
 from ..names import is_recipe, is_sha
+from ..pipeline.redact import Redactor
 from ..runfiles import RunFiles
 from ..store import Run
 from . import Finished, ProgressReader, parse_harness_line
@@ -69,6 +72,8 @@ class _Watch:
     partial: str = ""  # a line whose end has not arrived yet
     report: dict[str, Any] | None = None
     cancel_pending: bool = False  # a cancel Drone has not acknowledged yet: retried each poll
+    deadline: float = float("inf")  # epoch seconds past which the build is canceled (RUN_TIMEOUT + grace)
+    timed_out: bool = False
 
 
 class DroneDispatcher:
@@ -115,8 +120,8 @@ class DroneDispatcher:
 
     # -- the Dispatcher protocol -----------------------------------------------------------------
 
-    def start(self, run: Run) -> str:
-        """Trigger a custom build for ``run``; return its build number as the dispatch reference."""
+    def start(self, run: Run, record: Callable[[str], None] | None = None) -> str:
+        """Trigger a custom build for ``run``, ``record`` its number and return it (the dispatch reference)."""
         params = build_params(run)  # raises before anything is sent
         # A start that failed in flight (timeout, 5xx) may still have created the build: find it
         # rather than make a second build of the same run.
@@ -138,7 +143,9 @@ class DroneDispatcher:
             log.info("run %s started as Drone build %s (%s)", run.id, number, self.link(number))
         else:
             log.info("run %s: found its Drone build %s from an earlier attempt", run.id, number)
-        self._watch(run.id, number)
+        if record is not None:
+            record(str(number))
+        self._watch(run, number)
         return str(number)
 
     def adopt(self, run: Run) -> None:
@@ -149,7 +156,7 @@ class DroneDispatcher:
                 # No build to follow: report it on the next poll, like any other ending.
                 self._watches[run.id] = _Watch(run.id, 0)
             return
-        self._watch(run.id, int(ref))
+        self._watch(run, int(ref))
         log.info("run %s: adopted Drone build %s", run.id, ref)
 
     def active(self) -> set[int]:
@@ -192,10 +199,16 @@ class DroneDispatcher:
 
     # -- inside ----------------------------------------------------------------------------------
 
-    def _watch(self, run_id: int, number: int) -> None:
+    def sweep(self) -> str:
+        """Nothing to sweep here: each runner host's own harness runs sweep what dead runs left there."""
+        return ""
+
+    def _watch(self, run: Run, number: int) -> None:
+        run_id = run.id
         files = RunFiles(self.settings.runs_dir, run_id)
         files.create()
-        watch = _Watch(run_id, number)
+        deadline = (run.started_at or time.time()) + self.settings.RUN_TIMEOUT + self.settings.RUN_GRACE
+        watch = _Watch(run_id, number, deadline=deadline)
         saved = _read_position(files)
         if saved.get("number") == number:  # adopted: carry on from where the last worker stopped
             watch.next_pos = int(saved.get("next_pos", 0))
@@ -218,6 +231,9 @@ class DroneDispatcher:
     def _poll_one(self, watch: _Watch) -> Finished | None:
         if watch.number == 0:
             return Finished(watch.run_id, None, "it had no Drone build number when the worker restarted")
+        if not watch.timed_out and time.time() > watch.deadline:
+            log.error("run %s: Drone build %s outlived its deadline; canceling it", watch.run_id, watch.number)
+            watch.timed_out = watch.cancel_pending = True
         if watch.cancel_pending:
             self._send_cancel(watch)
         build = self._request("GET", f"/builds/{watch.number}", what="read a build", missing_ok=True)
@@ -236,7 +252,10 @@ class DroneDispatcher:
             return Finished(watch.run_id, watch.report, f"the Drone build ended {status}")
         why = f": {build['error']}" if build.get("error") else ""
         reason = f"the Drone build {self.link(watch.number)} ended {status} without a report{why}"
-        return Finished(watch.run_id, None, reason)
+        if watch.timed_out:
+            reason = f"the Drone build {self.link(watch.number)} outlived RUN_TIMEOUT plus RUN_GRACE and was canceled"
+        cleanup = "anything it left on its runner host is removed by the next run's sweep there (or `ccci sweep`)"
+        return Finished(watch.run_id, None, reason, timed_out=watch.timed_out, cleanup=cleanup)
 
     def _read_log(self, watch: _Watch, stage: int, step: int, *, final: bool) -> None:
         path = f"/builds/{watch.number}/logs/{stage}/{step}"
@@ -254,9 +273,10 @@ class DroneDispatcher:
             lines.append(rest)
             rest = ""
         files = RunFiles(self.settings.runs_dir, watch.run_id)
+        redact = Redactor(self.settings.secrets())  # a step's log holds what the runner's harness did not know
         plain = []
         for line in lines:
-            line = line.removesuffix("\r")
+            line = redact(line.removesuffix("\r"))
             parsed = parse_harness_line(line)
             if parsed is None:
                 plain.append(line + "\n")

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,14 +28,15 @@ from ..config import Settings
 from ..dispatch import EVENT_PREFIX, REPORT_PREFIX
 from ..errors import CcciError, InfraError, PermanentInfraError, RunInterrupted, SpecError
 from ..names import is_recipe, is_sha
-from ..pipeline.executor import ARTIFACTS
 from ..pipeline.redact import Redactor
 from ..pipeline.report import Report
 from ..pipeline.scheduler import Event, run_pipeline
 from ..pipeline.spec import Pipeline, load_pipeline
 from ..runfiles import RunFiles
 from ..vm.choose import choose_executor
+from ..vm.process import Confinement, ProcessExecutor
 from .applock import AppBusy, LockHolder, acquire_app_lock
+from .artifacts import collect as collect_artifacts
 from .checkout import checkout_pull, copy_source, head_commit
 from .janitor import Janitor
 from .lifetime import install_guard
@@ -56,6 +58,9 @@ class RunRequest:
     sha: str = ""
     source: Path | None = None  # ``ccci test``: copy this directory instead of cloning
     ci_file: Path | None = None  # ``ccci test <dir>``: this ci.yml instead of RECIPES_DIR's
+    parent_pid: int | None = None  # who started the harness; the run ends if it dies
+    gate: bool = False  # wait for "start" on stdin: the starter records the run's dispatch first
+    private: bool = False  # the repository is private: the checkout sends the forge token
 
     @classmethod
     def checked(cls, **fields: Any) -> RunRequest:
@@ -78,9 +83,30 @@ def ci_file_for(settings: Settings, request: RunRequest) -> Path:
     return own if own.is_file() else settings.RECIPES_DIR / "_default" / "ci.yml"
 
 
+def needs_forge_token(settings: Settings, recipe: str, *, private: bool) -> bool:
+    """Tell whether a run of ``recipe`` needs the forge token: a private checkout, or a step naming it.
+
+    A step gets the token only through ``from_env: CCCI_FORGE_TOKEN`` in the recipe's ci.yml
+    (written by the operator, never by the PR); otherwise the harness is not given it at all.
+    """
+    if not settings.FORGE_TOKEN:
+        return False
+    if private:
+        return True
+    try:
+        pipeline = load_pipeline(ci_file_for(settings, RunRequest(run_id="probe", recipe=recipe)))
+    except SpecError:
+        return False  # the harness reports the broken ci.yml; it needs no token for that
+    variables = [*pipeline.env, *(var for step in pipeline.steps for var in step.env)]
+    return any(var.from_env == "CCCI_FORGE_TOKEN" for var in variables)
+
+
 def app_domain(settings: Settings, recipe: str) -> str:
     """Return the domain the recipe's test app is deployed at; the app lock is keyed by it."""
     return f"{recipe}.{settings.DOMAIN}"
+
+
+EXIT_NOT_STARTED = 75  # EX_TEMPFAIL: nothing ran and no report was written; start the run again
 
 
 def execute(
@@ -89,21 +115,33 @@ def execute(
     *,
     on_event: Callable[[Event], None] | None = None,
     echo: TextIO | None = None,
-) -> tuple[dict[str, Any], int]:
+) -> tuple[dict[str, Any] | None, int]:
     """Execute one run; return its report (as written to report.json) and the exit code.
 
     With ``echo`` (``ccci run``), the log, the progress events and the report are also printed
     there as they come — events and the report as ``::ccci-event``/``::ccci-report`` lines —
     which is how a Drone build's log carries them back to the worker.
+
+    With ``request.gate`` the harness waits for ``start`` on stdin before it touches the run's
+    directory: the local dispatcher records the dispatch first, so a run whose worker died in
+    between is never executed by a harness nobody knows of. If the starter dies before the
+    pipeline began, nothing has run: the harness tears down what it made, writes no report and
+    exits ``EXIT_NOT_STARTED``, and the next worker starts the run again. Either way the report
+    is None only then.
     """
     files = RunFiles(settings.runs_dir, request.run_id)
     try:
-        guard = install_guard(settings.RUN_TIMEOUT)  # first: from here on, teardown is certain
+        guard = install_guard(settings.RUN_TIMEOUT, parent_pid=request.parent_pid)  # first: teardown is certain
     except RunInterrupted as exc:  # the starter is already gone, or stopped us while installing
+        if request.gate:
+            return None, EXIT_NOT_STARTED
         files.create()
         data = _stopped_report(request, exc.status, f"run {exc.status} before it started: {exc.reason}").to_dict()
         files.write_report(data)
         return data, exc.exit_code
+    if request.gate and not _through_gate():
+        guard.uninstall()
+        return None, EXIT_NOT_STARTED
     files.create()
     redact = Redactor(settings.secrets())
     started, t0 = time.time(), time.monotonic()
@@ -138,6 +176,8 @@ def execute(
         _ensure_writable(settings.LOCK_DIR, "LOCK_DIR")
         janitor.quick()
         pipeline = load_pipeline(ci_file_for(settings, request))
+        _, spec_secrets = pipeline.resolve_env()
+        redact = Redactor([*settings.secrets(), *spec_secrets])
         guard.set_deadline(min(pipeline.timeout, settings.RUN_TIMEOUT))
         domain = app_domain(settings, request.recipe)
         with RunSandbox(files.dir, settings.ABRA_HOME, request.recipe, keep=settings.KEEP_SANDBOX) as box:
@@ -152,7 +192,7 @@ def execute(
                     request.sha,
                     box.recipe_dir,
                     forge_url=settings.FORGE_URL,
-                    token=settings.FORGE_TOKEN,
+                    token=settings.FORGE_TOKEN if request.private else "",
                 )
             holder = LockHolder.for_this_process(run_id=request.run_id, recipe=request.recipe, app_domain=domain)
             release = acquire_app_lock(
@@ -172,9 +212,16 @@ def execute(
                 "CCCI_RUN": request.run_id,
                 "CCCI_SHA": request.sha or head_commit(box.recipe_dir),
             }
-            writable = [box.abra_dir, settings.ABRA_HOME, *map(Path, settings.SANDBOX_WRITABLE)]
-            executor = choose_executor(settings, log.info, writable=writable, setup=pipeline.setup or "")
+            brought_out = files.dir / "artifacts.in"
+            executor = choose_executor(
+                settings,
+                log.info,
+                confinement=confinement_for(settings, box, network=pipeline.network),
+                setup=pipeline.setup or "",
+                artifacts_dir=brought_out,
+            )
             say(f"executor: {executor.name}")
+            files.mark_began()
             report = run_pipeline(
                 pipeline,
                 executor,
@@ -187,7 +234,7 @@ def execute(
                 sha=env["CCCI_SHA"],
                 on_teardown=guard.begin_teardown,
             )
-            _keep_artifacts(box.recipe_dir, files, report)
+            _keep_artifacts(box.recipe_dir, brought_out, files, report, redact)
             if pipeline.setup and executor.name != "qemu":
                 report.notes.append(f"setup skipped: the {executor.name} executor has no warm base to prepare")
     except RunInterrupted as exc:
@@ -216,23 +263,40 @@ def execute(
             report.notes.append(f"run {stop.status.replace('_', ' ')} during teardown; teardown completed")
         report.total_ms = int((time.monotonic() - t0) * 1000)
         report.started_at = report.started_at or started
-        data = json.loads(redact(report.to_json()))
-        files.write_report(data)
-        if echo:
-            echo.write(REPORT_PREFIX + json.dumps(data) + "\n")
-            echo.flush()
+        orphaned = request.gate and request.parent_pid is not None and os.getppid() != request.parent_pid
+        # The worker died before this run's pipeline began: nothing ran, and the next worker
+        # starts the run again. A report now would end it as interrupted instead.
+        again = orphaned and not files.has_begun()
+        data = None if again else json.loads(redact(report.to_json()))
+        if data is None:
+            say("the worker went away before the run began; it will be started again")
+        else:
+            files.write_report(data)
+            if echo:
+                echo.write(REPORT_PREFIX + json.dumps(data) + "\n")
+                echo.flush()
         log_file.close()
         guard.uninstall()
+    if data is None:
+        return None, EXIT_NOT_STARTED
     return data, guard.exit_code(0 if report.passed else 1)
 
 
-def _keep_artifacts(checkout: Path, files: RunFiles, report: Report) -> None:
+def _through_gate() -> bool:
+    """Wait for the starter's ``start`` line on stdin; False on end of input or a stop signal."""
+    try:
+        return sys.stdin.readline().strip() == "start"
+    except RunInterrupted:
+        return False
+
+
+def _keep_artifacts(checkout: Path, brought_out: Path, files: RunFiles, report: Report, redact: Redactor) -> None:
     """Keep what the steps left in the checkout's artifacts directory, before the sandbox goes."""
-    source = checkout / ARTIFACTS
-    if not source.is_dir():
-        return
-    shutil.copytree(source, files.artifacts, symlinks=False, dirs_exist_ok=True, ignore_dangling_symlinks=True)
-    report.artifacts = sorted(str(p.relative_to(files.artifacts)) for p in files.artifacts.rglob("*") if p.is_file())
+    machines = sorted(p for p in brought_out.iterdir() if p.is_dir()) if brought_out.is_dir() else []
+    kept = collect_artifacts(files.artifacts, redact, checkout=checkout, brought_out=machines)
+    shutil.rmtree(brought_out, ignore_errors=True)
+    report.artifacts = kept.kept
+    report.notes.extend(kept.notes())
 
 
 def _ensure_writable(directory: Path, key: str) -> None:
@@ -272,6 +336,30 @@ def _stopped_report(request: RunRequest, status: str, note: str) -> Report:
     )
 
 
+def confinement_for(settings: Settings, box: RunSandbox, *, network: bool) -> Confinement:
+    """Return what the steps of the run in ``box`` may touch in the process sandbox.
+
+    Hidden: ccci's state directory (the database, every run's files, VM state), the lock
+    directory, the configuration file and the home directory of the user ccci runs as.
+    Writable: the run's ABRA_DIR (the checkout is in it), the operator's abra servers and
+    catalogue it links to, and SANDBOX_WRITABLE.
+    """
+    hidden = [settings.STATE_DIR, settings.LOCK_DIR]
+    if os.environ.get("CCCI_CONFIG"):
+        hidden.append(Path(os.environ["CCCI_CONFIG"]))
+    home = Path.home()
+    if home != Path("/") and home.is_dir():
+        hidden.append(home)
+    shared = [settings.ABRA_HOME / name for name in box.shared]
+    return Confinement(
+        writable=(box.abra_dir, *shared, *map(Path, settings.SANDBOX_WRITABLE)),
+        hidden=tuple(p.absolute() for p in hidden),
+        owned=(box.abra_dir,),
+        network=network,
+        user=settings.SANDBOX_USER,
+    )
+
+
 def make_janitor(settings: Settings) -> Janitor:
     """Return the janitor of this host: locks, sandboxes and VM forks of dead owners."""
     from ..vm.sweep import sweep_vms
@@ -287,8 +375,6 @@ def make_janitor(settings: Settings) -> Janitor:
 
 def reap_app(settings: Settings, holder: Any) -> None:
     """Tear down the app of a run that died holding its lock: run the recipe's teardown steps."""
-    from ..vm.process import ProcessExecutor
-
     recipe = getattr(holder, "recipe", "") or ""
     if not is_recipe(recipe):
         log.warning("cannot reap %s: its lock names no valid recipe", holder)
@@ -297,7 +383,9 @@ def reap_app(settings: Settings, holder: Any) -> None:
     teardown = tuple(s for s in pipeline.steps if s.teardown)
     if not teardown:
         return
-    reaper = Pipeline(path=pipeline.path, steps=teardown, timeout=pipeline.timeout, env=pipeline.env)
+    reaper = Pipeline(
+        path=pipeline.path, steps=teardown, timeout=pipeline.timeout, env=pipeline.env, network=pipeline.network
+    )
     settings.runs_dir.mkdir(parents=True, exist_ok=True)
     # The reaper's own sandbox lives in a temporary run directory, gone with everything in it.
     with (
@@ -313,7 +401,7 @@ def reap_app(settings: Settings, holder: Any) -> None:
         }
         report = run_pipeline(
             reaper,
-            ProcessExecutor(writable=[box.abra_dir, settings.ABRA_HOME, *map(Path, settings.SANDBOX_WRITABLE)]),
+            ProcessExecutor(confinement=confinement_for(settings, box, network=pipeline.network)),
             box.recipe_dir,
             env,
             secrets=settings.secrets(),

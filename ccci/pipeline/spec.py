@@ -4,6 +4,7 @@
     parallelism: 4           # steps running at once (default 4)
     image: abra-debian       # VM image for the VM executor (default: the executor's own)
     setup: apt-get install -y jq   # VM executor: run once in the warm base, cached by image + setup
+    network: true            # process sandbox: steps may use the host's network (default false)
     env:                     # added to every step's environment
       LETS_ENCRYPT_ENV: ""
     steps:
@@ -53,7 +54,7 @@ MIN_SECRET = 8
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_PIPELINE_KEYS = {"timeout", "parallelism", "env", "image", "setup", "steps"}
+_PIPELINE_KEYS = {"timeout", "parallelism", "env", "image", "setup", "network", "steps"}
 _STEP_KEYS = {"name", "run", "needs", "timeout", "allow_failure", "env", "fork_from", "teardown"}
 
 
@@ -99,6 +100,8 @@ class Pipeline:
     ``image`` and ``setup`` are for the VM executor: the machine image, and a command run once
     in the warm base every fork starts from (cached by image + setup, so later runs skip it).
     The process sandbox has no base to prepare; it ignores both, and the report says so.
+    ``network``: steps in the process sandbox get the host's network only when it is true (a
+    QEMU fork always has its own private user-mode network).
     """
 
     path: Path
@@ -108,6 +111,7 @@ class Pipeline:
     image: str | None = None
     setup: str | None = None
     env: tuple[EnvVar, ...] = ()
+    network: bool = False  # process sandbox: share the host's network (abra must reach its servers)
 
     def step(self, name: str) -> Step:
         """Return the step called ``name``."""
@@ -176,6 +180,7 @@ def parse_pipeline(data: Any, path: Path) -> Pipeline:
         image=_text(data.get("image"), f"{path}: key 'image'", optional=True),
         setup=_text(data.get("setup"), f"{path}: key 'setup'", optional=True),
         env=_env(data.get("env", {}), f"{path}: key 'env'"),
+        network=_flag(data.get("network", False), f"{path}: key 'network'"),
     )
     _check_graph(pipeline)
     return pipeline

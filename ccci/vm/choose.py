@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 from ..config import Settings
@@ -10,32 +10,39 @@ from ..errors import ConfigError
 from ..pipeline.executor import Executor
 from .host import detect_accel, qemu_binary
 from .image import find_image
+from .process import Confinement, ProcessExecutor
 
 DEFAULT_IMAGE = "tiny"
 
 
 def choose_executor(
-    settings: Settings, log: Callable[[str], None], *, writable: Iterable[Path] = (), setup: str = ""
+    settings: Settings,
+    log: Callable[[str], None],
+    *,
+    confinement: Confinement | None = None,
+    setup: str = "",
+    artifacts_dir: Path | None = None,
 ) -> Executor:
     """Return the executor ``settings.EXECUTOR`` asks for, logging which one and why.
 
-    ``writable``: host paths the process sandbox must leave writable besides the workspace
-    (the run's ABRA_DIR and the operator's abra directory it links to). ``setup``: the
-    pipeline's command for the QEMU executor's warm base.
+    ``confinement``: what the process sandbox lets steps touch (vm/process.py). ``setup``: the
+    pipeline's command for the QEMU executor's warm base. ``artifacts_dir``: where QEMU machines
+    bring the steps' artifacts out to.
     """
     wanted = settings.EXECUTOR
+    confinement = confinement or Confinement()
     if wanted == "local":
-        return _process(log, "EXECUTOR=local", writable)
+        return _process(log, "EXECUTOR=local", confinement)
     reason = _qemu_unavailable(settings)
     if reason is None:
         from .qemu import QemuExecutor
 
         accel = detect_accel()
         log(f"executor: qemu microVM forks ({accel.name}: {accel.reason})")
-        return QemuExecutor(settings.STATE_DIR, image=DEFAULT_IMAGE, setup=setup, log=log)
+        return QemuExecutor(settings.STATE_DIR, image=DEFAULT_IMAGE, setup=setup, log=log, artifacts_dir=artifacts_dir)
     if wanted == "qemu":
         raise ConfigError("EXECUTOR", f"qemu was asked for but cannot run: {reason}")
-    return _process(log, f"EXECUTOR=auto and {reason}", writable)
+    return _process(log, f"EXECUTOR=auto and {reason}", confinement)
 
 
 def _qemu_unavailable(settings: Settings) -> str | None:
@@ -46,9 +53,7 @@ def _qemu_unavailable(settings: Settings) -> str | None:
     return None
 
 
-def _process(log: Callable[[str], None], why: str, writable: Iterable[Path]) -> Executor:
-    from .process import ProcessExecutor
-
-    executor = ProcessExecutor(writable=tuple(writable))
+def _process(log: Callable[[str], None], why: str, confinement: Confinement) -> Executor:
+    executor = ProcessExecutor(confinement=confinement)
     log(f"executor: process sandbox ({why}; isolated_forks={executor.isolated_forks})")
     return executor

@@ -1,7 +1,7 @@
 """The process sandbox executor: steps run as local processes in the run's own directory.
 
     ProcessExecutor.boot(workspace) ─▶ ProcessMachine (workspace IS the given directory)
-        exec(request) ─▶ [bwrap …] /bin/sh -c <command>     own session + process group
+        exec(request) ─▶ bwrap … [setpriv …] /bin/sh -c <command>     own session + process group
         checkpoint().fork() ─▶ another ProcessMachine on the SAME directory (no isolation)
 
 Each step runs in its own session and process group, so that a timeout or a cancel can stop the
@@ -9,16 +9,29 @@ whole tree it started: SIGTERM to the group, SIGKILL after a short grace. A step
 processes do not outlive it either: when the shell exits, whatever is left of its group is
 killed, because in a process sandbox nothing else would ever reap them.
 
-Where bubblewrap works (probed once; ``use_bwrap=None``), the shell runs with the host root
-read-only, a fresh /tmp and /dev, its own PID namespace (so a process that escapes the group
-still dies with the sandbox) and ``--die-with-parent``. Writable: the workspace, ``ABRA_DIR``
-when the step's environment names an existing directory, and ``writable`` paths. The network
-is shared: abra must reach its servers.
+The step is untrusted code, and the ``Confinement`` says what it may touch. Under bubblewrap
+the host root is read-only; ``/tmp``, ``/dev`` and ``/proc`` are its own; its own PID, IPC and
+UTS namespaces (a process that escapes the group still dies with the sandbox, and none of
+ccci's processes can be seen); ``--die-with-parent``; no network unless the pipeline asks for
+it. ccci's state directory, lock directory, configuration file and home directory are hidden
+(empty), so no step reads the database, a token or another run; writable are the workspace and
+the confinement's ``writable`` paths (the run's ABRA_DIR, the configured ones), nothing else.
+No capability and no new privilege survives into the step:
+
+* run by an ordinary user, bubblewrap makes a user namespace and drops every capability in it;
+* run by root, bubblewrap builds the sandbox with root's rights (it must see everything to
+  hide it) and then ``setpriv`` becomes ``Confinement.user`` (``SANDBOX_USER``, nobody by
+  default) with no capabilities, no supplementary groups and no_new_privs before the shell
+  starts; the workspace and the run's own paths are handed over to that user first. Root's
+  files are then as closed to the step as to any other user, and no remount is possible.
+
+The process executor refuses to run when bubblewrap cannot build this sandbox (``use_bwrap``
+False is for ccci's own tests of the process plumbing).
 
 Environment: steps do NOT inherit ccci's environment, which holds its tokens. They get
 ``PATH`` (ccci's, or a standard one), ``HOME``, ``USER``, ``LOGNAME``, ``LANG`` (default
 C.UTF-8), ``TZ``, and, for abra, ``SSH_AUTH_SOCK``, ``DOCKER_HOST`` and ``DOCKER_CONFIG`` when
-set — then the request's own env on top.
+set — then the request's own env on top. Confined by root, ``HOME`` is ``/tmp``.
 
 Forks cannot copy a directory's processes and state cheaply, so ``isolated_forks`` is False and
 the scheduler runs ``fork_from`` steps in the parent sandbox one at a time.
@@ -29,13 +42,14 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import pwd
 import selectors
 import shutil
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PermanentInfraError
@@ -48,26 +62,107 @@ DRAIN = 1.0  # seconds to keep reading pipes after the group is gone (an escaped
 POLL = 0.05
 
 
+@dataclass(frozen=True)
+class Confinement:
+    """What a step in the process sandbox may touch; everything else is read-only or hidden."""
+
+    writable: tuple[Path, ...] = ()  # besides the workspace: the run's ABRA_DIR, configured paths
+    hidden: tuple[Path, ...] = ()  # directories emptied, files made unreadable
+    owned: tuple[Path, ...] = ()  # the run's own paths, handed over to ``user`` (with the workspace)
+    network: bool = False
+    user: str = "nobody"  # whom steps run as when ccci itself runs as root
+
+    def account(self) -> tuple[int, int] | None:
+        """Return the (uid, gid) steps run as, or None when they keep ccci's own (ccci is not root)."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            entry = pwd.getpwnam(self.user)
+        except KeyError:
+            raise PermanentInfraError(f"SANDBOX_USER {self.user!r} is not a user on this host") from None
+        if entry.pw_uid == 0:
+            raise PermanentInfraError("SANDBOX_USER must not be root: steps would own the host")
+        return entry.pw_uid, entry.pw_gid
+
+
 @functools.cache
 def bwrap_usable() -> bool:
     """Return whether bubblewrap can build our sandbox here (user namespaces may be forbidden)."""
     bwrap = shutil.which("bwrap")
     if not bwrap:
         return False
-    probe = _bwrap_argv(bwrap, Path("/"), [], "true")
+    confinement = Confinement()
     try:
+        probe = _bwrap_argv(bwrap, Path("/"), confinement, confinement.account(), "true")
         return subprocess.run(probe, capture_output=True, timeout=10, check=False).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
+    except (OSError, subprocess.TimeoutExpired, PermanentInfraError):
         return False
 
 
-def _bwrap_argv(bwrap: str, workspace: Path, writable: Iterable[Path], command: str) -> list[str]:
-    argv = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-    for path in (workspace, *writable):
-        if Path(path).exists():  # a path that does not exist has nothing to protect or share
-            argv += ["--bind", str(path), str(path)]
+def _bwrap_argv(
+    bwrap: str, workspace: Path, confinement: Confinement, account: tuple[int, int] | None, command: str
+) -> list[str]:
+    argv = [bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent"]
+    if not confinement.network:
+        argv.append("--unshare-net")
+    if account is None:
+        argv += ["--unshare-user", "--cap-drop", "ALL"]
+    else:
+        argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]  # for setpriv, which drops them
+    argv += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--perms", "1777", "--tmpfs", "/tmp"]
+    binds = [Path(p) for p in (workspace, *confinement.writable) if Path(p).exists()]
+    emptied = [Path("/tmp")]
+    for path in map(Path, confinement.hidden):
+        if path.is_dir() and not path.is_symlink():
+            emptied.append(path)
+        elif path.exists():
+            argv += ["--ro-bind", "/dev/null", str(path)]
+    if account is not None:
+        # A directory the step's user could not pass through (root's home, a 0700 temporary
+        # directory) hides nothing it could see anyway: empty it, so that the paths bound
+        # below it can be reached, and make their parents passable.
+        emptied += _private_ancestors(binds)
+    emptied = sorted(set(emptied), key=lambda p: len(p.parts))
+    inside = lambda p: any(p != e and p.is_relative_to(e) for e in emptied)  # noqa: E731
+    steps = [(len(p.parts), 0, "--tmpfs", p) for p in emptied if p != Path("/tmp") and not inside(p)]
+    steps += [(len(p.parts), 0, "--tmpfs", p) for p in emptied if inside(p)]
+    if account is not None:
+        parents = {a for b in binds for a in b.parents if inside(a)}
+        steps += [(len(p.parts), 1, "--dir", p) for p in parents if p not in emptied]
+    for _depth, _order, op, path in sorted(steps):  # outer first: a mount point is made passable first
+        argv += (["--perms", "0755"] if op == "--dir" else []) + [op, str(path)]
+    # Bound after the hiding, so that a workspace inside a hidden directory shows through it.
+    for path in binds:
+        argv += ["--bind", str(path), str(path)]
     # No --new-session: the sandboxed shell must stay in our process group to be killable as one.
-    return argv + ["--unshare-pid", "--die-with-parent", "--chdir", str(workspace), "/bin/sh", "-c", command]
+    argv += ["--chdir", str(workspace), "--"]
+    if account is not None:
+        uid, gid = account
+        argv += ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--inh-caps=-all",
+                 "--no-new-privs", "--"]  # fmt: skip
+    return argv + ["/bin/sh", "-c", command]
+
+
+def _private_ancestors(paths: list[Path]) -> list[Path]:
+    """Return the directories above ``paths`` that other users cannot pass through, outermost first."""
+    found = set()
+    for path in paths:
+        for parent in path.parents:
+            try:
+                if not os.stat(parent).st_mode & 0o001:
+                    found.add(parent)
+            except OSError:
+                pass
+    return sorted(found, key=lambda p: len(p.parts))
+
+
+def hand_over(path: Path, account: tuple[int, int]) -> None:
+    """Make ``path`` and everything below it (never following a symlink) belong to ``account``."""
+    uid, gid = account
+    os.chown(path, uid, gid, follow_symlinks=False)
+    for root, dirs, files in os.walk(path):
+        for name in (*dirs, *files):
+            os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
 
 
 class ProcessExecutor:
@@ -76,12 +171,22 @@ class ProcessExecutor:
     name = "process"
     isolated_forks = False
 
-    def __init__(self, use_bwrap: bool | None = None, *, grace: float = KILL_GRACE, writable=()):
-        self.use_bwrap = bwrap_usable() if use_bwrap is None else use_bwrap
-        if self.use_bwrap and not shutil.which("bwrap"):
-            raise PermanentInfraError("use_bwrap=True but bwrap is not installed")
+    def __init__(
+        self, use_bwrap: bool | None = None, *, grace: float = KILL_GRACE, confinement: Confinement | None = None
+    ):
+        self.use_bwrap = True if use_bwrap is None else use_bwrap
         self.grace = grace
-        self.writable = tuple(Path(p) for p in writable)
+        self.confinement = confinement or Confinement()
+        self.account: tuple[int, int] | None = None
+        if self.use_bwrap:
+            if not shutil.which("bwrap"):
+                raise PermanentInfraError("bubblewrap (bwrap) is not installed: steps cannot be confined")
+            if not bwrap_usable():
+                raise PermanentInfraError(
+                    "bubblewrap cannot build the step sandbox on this host (user namespaces refused?); "
+                    "steps will not run unconfined — use EXECUTOR=qemu"
+                )
+            self.account = self.confinement.account()
         self._ids = itertools.count(1)
 
     def boot(self, workspace: Path, image: str | None = None) -> ProcessMachine:
@@ -89,6 +194,10 @@ class ProcessExecutor:
         workspace = Path(workspace).resolve()
         if not workspace.is_dir():
             raise PermanentInfraError(f"workspace {workspace} is not a directory")
+        if self.account is not None:
+            for path in (workspace, *self.confinement.owned):
+                if Path(path).exists():
+                    hand_over(Path(path), self.account)
         return ProcessMachine(self, workspace, f"process-{os.getpid()}-{next(self._ids)}")
 
 
@@ -113,11 +222,9 @@ class ProcessMachine:
         env = self._env(request.env)
         argv = ["/bin/sh", "-c", request.command]
         if self.executor.use_bwrap:
-            writable = [*self.executor.writable]
-            abra_dir = env.get("ABRA_DIR")
-            if abra_dir and Path(abra_dir).is_dir():
-                writable.append(Path(abra_dir))
-            argv = _bwrap_argv(shutil.which("bwrap") or "bwrap", self.workspace, writable, request.command)
+            executor = self.executor
+            bwrap = shutil.which("bwrap") or "bwrap"
+            argv = _bwrap_argv(bwrap, self.workspace, executor.confinement, executor.account, request.command)
         try:
             proc = subprocess.Popen(
                 argv,
@@ -184,6 +291,9 @@ class ProcessMachine:
     def _env(self, extra: dict[str, str]) -> dict[str, str]:
         env = {"PATH": os.environ.get("PATH") or DEFAULT_PATH, "LANG": "C.UTF-8"}
         env.update({k: os.environ[k] for k in PASSED_THROUGH if k in os.environ})
+        if self.executor.account is not None:
+            env["HOME"] = "/tmp"  # root's home is hidden; the step's user has no other
+            env["USER"] = env["LOGNAME"] = self.executor.confinement.user
         env.update(extra)
         return env
 

@@ -44,6 +44,7 @@ GUEST_ENV = {
     "LANG": "C.UTF-8",
 }
 READY_TIMEOUT = 60.0  # restore + first answer; ~0.5 s on an idle TCG host
+COPY_OUT_LIMIT = 128 << 20  # bytes of artifact archive taken out of a machine
 
 
 class QemuExecutor:
@@ -63,8 +64,12 @@ class QemuExecutor:
         kill_grace: float = 30.0,
         accel: Accel | None = None,
         log: Callable[[str], None] | None = None,
+        artifacts_dir: Path | None = None,
     ):
         self.state_dir = Path(state_dir).resolve()
+        # Where machines bring their workspace's artifacts out to, one subdirectory each; the
+        # harness owns it and reads it with care (harness/artifacts.py). None: nothing comes out.
+        self.artifacts_dir = artifacts_dir
         self.image = image
         self.setup = setup
         self.memory_mb = memory_mb
@@ -217,35 +222,51 @@ class QemuMachine:
             raise TransientInfraError(f"{self.name}: copying the workspace in failed: {b''.join(errors)[-500:]!r}")
 
     def _bring_out_artifacts(self) -> None:
-        """Copy what steps left in ``<workspace>/.ccci/artifacts`` to the same place on the host.
+        """Copy what steps left in ``<workspace>/.ccci/artifacts`` out to the executor's artifacts_dir.
 
-        Forks of one run merge into the one host directory: "deploy once, test many" branches
-        can each leave their own reports. Closing must not fail over it: problems are logged.
+        Each machine gets its own subdirectory there, so forks of one run ("deploy once, test
+        many") can each leave their own reports. Never into the host's workspace: that is the
+        PR's directory, and a symlink committed there would aim the copy anywhere. Closing must
+        not fail over it: problems are logged.
         """
-        if self.workspace is None or self.vm is None:
+        if self.workspace is None or self.vm is None or self.executor.artifacts_dir is None:
             return
         guest_dir = str(self.workspace / ARTIFACTS)
         try:
             probe = self._run(f"test -d {shlex.quote(guest_dir)}", "/", GUEST_ENV, on_output=lambda *_: None)
             if probe.status == 0:
-                self.copy_out(guest_dir, self.workspace / ARTIFACTS)
+                self.copy_out(guest_dir, self.executor.artifacts_dir / self.name)
         except Exception as exc:  # a dead or hung machine has no artifacts to give
             log.warning("%s: artifacts not copied out: %s", self.name, exc)
 
-    def copy_out(self, guest_dir: str, host_dir: Path) -> None:
-        """Copy the guest directory ``guest_dir`` (results, reports) into ``host_dir``."""
+    def copy_out(self, guest_dir: str, host_dir: Path, limit: int = COPY_OUT_LIMIT) -> None:
+        """Copy the guest directory ``guest_dir`` into ``host_dir``: its directories and regular files only.
+
+        At most ``limit`` bytes of archive are taken; links, devices and FIFOs are left behind.
+        """
         chunks: list[bytes] = []
         errors: list[bytes] = []
+        size = 0
 
         def collect(stream: str, chunk: bytes) -> None:
-            (chunks if stream == "stdout" else errors).append(chunk)
+            nonlocal size
+            if stream != "stdout":
+                errors.append(chunk)
+            elif size < limit:
+                chunks.append(chunk[: limit - size])
+                size += len(chunk)
 
         outcome = self._run(f"tar -cf - -C {shlex.quote(guest_dir)} .", "/", GUEST_ENV, on_output=collect)
         if outcome.status != 0:
             raise PermanentInfraError(f"{self.name}: cannot read {guest_dir}: {b''.join(errors)[-500:]!r}")
+        if size >= limit:
+            log.warning("%s: artifacts over %d bytes; the rest stayed in the machine", self.name, limit)
         host_dir.mkdir(parents=True, exist_ok=True)
         with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tar:
-            tar.extractall(host_dir, filter="data")
+            try:
+                tar.extractall(host_dir, filter=_plain_members)
+            except tarfile.ReadError:  # cut at the limit: what was read before the cut stays
+                pass
 
     def ping(self) -> float:
         """Round-trip one message through the guest agent; return the seconds it took."""
@@ -339,6 +360,16 @@ class QemuMachine:
         # A safety net for owners that forget: never leave a QEMU behind a collected object.
         if not getattr(self, "_closed", True):
             self.close()
+
+
+def _plain_members(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    """Keep directories and regular files (checked by tarfile's own ``data`` filter); skip the rest."""
+    if not (member.isreg() or member.isdir()):
+        return None
+    try:
+        return tarfile.data_filter(member, dest)
+    except tarfile.FilterError:  # an absolute or escaping path: left behind like a link
+        return None
 
 
 def _materialise(layout: Layout, directory: Path, full: Path, log_path: Path | None) -> None:

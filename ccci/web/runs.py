@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Flask, Response, abort, jsonify, render_template, request, send_from_directory
 
+from ..pipeline.redact import Redactor
 from ..runfiles import RunFiles
 from . import services
 
@@ -43,15 +44,23 @@ def run_log(run_id: int):
     run = _visible_run(run_id)
     offset = request.args.get("offset", default=0, type=int)
     text, end = RunFiles(s.settings.runs_dir, run_id).read_log(offset=max(offset, 0))
+    text = Redactor(s.settings.secrets())(text)  # the harness never held the web's own secrets
     return Response(text, mimetype="text/plain", headers={"X-Log-Offset": str(end), "X-Run-State": run.state})
 
 
 @bp.get("/runs/<int:run_id>/artifacts/<path:name>")
 def run_artifact(run_id: int, name: str):
-    """Serve one artifact the run's steps kept (a report, a screenshot)."""
+    """Serve one artifact the run's steps kept (a report, a screenshot) as a download.
+
+    A PR wrote it: it is never a page of ccci's origin. It is served as an attachment, with no
+    sniffing, and under a sandbox policy that stops any script in it from running here.
+    """
     _visible_run(run_id)
     # send_from_directory refuses paths that escape the directory (.., absolute paths).
-    return send_from_directory(RunFiles(services().settings.runs_dir, run_id).artifacts, name)
+    response = send_from_directory(RunFiles(services().settings.runs_dir, run_id).artifacts, name, as_attachment=True)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Content-Security-Policy"] = "sandbox"
+    return response
 
 
 def init_app(app: Flask) -> None:

@@ -37,6 +37,7 @@ def slow_world(make_world, tmp_path):
     recipes.mkdir(parents=True)
     marks = tmp_path / "marks"
     marks.mkdir()
+    marks.chmod(0o1777)  # steps run as SANDBOX_USER (nobody) when the suite runs as root
     (recipes / "ci.yml").write_text(SLOW_CI.replace("$MARKS", str(marks)))
 
     def make(**extra):

@@ -112,9 +112,11 @@ def test_canceling_a_drone_build_kills_the_step_shell_and_the_harness_still_tear
     repo = make_recipe_repo(tmp_path / "git", owner=OWNER, name=REPO, files={"README.md": "hello recipe\n"})
     sha = repo.open_pr(8, {"pr-8.txt": "change\n"})
     gitea.open_pr(OWNER, REPO, 8, sha)
-    # The process sandbox gives steps a fresh /tmp; ABRA_HOME is one of the few paths they may write.
-    (tmp_path / "abra").mkdir()
-    marker = tmp_path / "abra" / "teardown-ran"
+    # The process sandbox gives steps a fresh /tmp; the shared abra servers/ is one of the few
+    # paths they may write (as SANDBOX_USER, nobody, when the suite runs as root).
+    (tmp_path / "abra" / "servers").mkdir(parents=True)
+    (tmp_path / "abra" / "servers").chmod(0o1777)
+    marker = tmp_path / "abra" / "servers" / "teardown-ran"
     naptime = f"300.{secrets.randbelow(10**6):06d}"  # a sleep no other process on this host has
     recipes = tmp_path / "recipes"
     (recipes / "hello").mkdir(parents=True)

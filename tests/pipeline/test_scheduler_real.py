@@ -103,10 +103,16 @@ def test_run_interrupted_from_a_real_signal_becomes_a_canceled_report(tmp_path):
         raise RunInterrupted("canceled", 143, "SIGUSR1 in test")
 
     pidfile = tmp_path / "slow.pid"
+    fast_done = threading.Event()
 
     def signaller():
         wait_for(lambda: read_pid(pidfile), what="the slow step's child")
+        fast_done.wait(30)  # "fast" has finished: the signal must find only "slow" running
         os.kill(os.getpid(), signal.SIGUSR1)  # delivered to, and handled in, the main thread
+
+    def on_event(event):
+        if event.kind == "finished" and event.step == "fast":
+            fast_done.set()
 
     previous = signal.signal(signal.SIGUSR1, on_signal)
     helper = threading.Thread(target=signaller)
@@ -121,6 +127,7 @@ steps:
   - {{name: later, needs: [slow], run: "true"}}
   - {{name: down, teardown: true, run: "echo done > down.txt"}}
 """,
+            on_event=on_event,
         )
         helper.join()
     finally:
