@@ -76,13 +76,78 @@ class CcciServer:
         self.proc = None
 
 
+class SplitCcci:
+    """ccci the way deploy/ runs it: gunicorn serving ``app:app``, and ``python -m ccci worker`` as
+    a process of its own, so that a test can kill and restart the worker alone, at once."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path):
+        self.env = env
+        self.log_dir = log_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.web: subprocess.Popen | None = None
+        self.worker: subprocess.Popen | None = None
+
+    def start(self) -> SplitCcci:
+        """Start the web app and the worker; wait until /healthz answers."""
+        with (self.log_dir / "web.log").open("ab") as log:
+            self.web = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}", "--workers", "2", "app:app"],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        self.start_worker()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).ok:
+                    return self
+            except requests.ConnectionError:
+                pass
+            if self.web.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gunicorn did not come up:\n{(self.log_dir / 'web.log').read_text()[-3000:]}")
+            time.sleep(0.05)  # a port opening has no event to wait on from here
+
+    def start_worker(self) -> subprocess.Popen:
+        """Start (again) the worker process."""
+        with (self.log_dir / "worker.log").open("ab") as log:
+            self.worker = subprocess.Popen(
+                [sys.executable, "-m", "ccci", "worker"],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        return self.worker
+
+    def kill_worker(self) -> int:
+        """SIGKILL the worker alone (its harnesses are in sessions of their own); return its pid."""
+        assert self.worker is not None
+        pid = self.worker.pid
+        self.worker.kill()
+        self.worker.wait()
+        return pid
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the web app and the worker and reap them."""
+        for proc in (self.worker, self.web):
+            if proc is None:
+                continue
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.web = self.worker = None
+
+
 @dataclass
 class World:
     """Everything one e2e test talks to."""
 
     gitea: FakeGitea
     repo: RecipeRepo
-    ccci: CcciServer
+    ccci: CcciServer | SplitCcci
     state_dir: Path
     env: dict[str, str]
 
@@ -154,3 +219,50 @@ def make_world(tmp_path: Path) -> Iterator:
     for world in made:
         world.ccci.stop()
         world.gitea.close()
+
+
+@pytest.fixture
+def make_split_world(tmp_path: Path) -> Iterator:
+    """Like ``make_world``, with the web app and the worker as separate processes (``SplitCcci``)."""
+    made: list[World] = []
+
+    def make(**extra: str) -> World:
+        gitea = FakeGitea(git_root=tmp_path / "git").start()
+        repo = make_recipe_repo(tmp_path / "git", owner=OWNER, name=REPO, files={"README.md": "hello recipe\n"})
+        env = world_env(tmp_path, gitea, **extra)
+        world = World(gitea, repo, SplitCcci(env, tmp_path), tmp_path / "state", env)
+        made.append(world)
+        world.ccci.start()
+        return world
+
+    yield make
+    for world in made:
+        world.ccci.stop()
+        world.gitea.close()
+
+
+def wait_until(predicate, timeout=60.0, what="condition"):
+    """Wait for a condition that has no event to wait on (files written by other processes)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def final_comment(world, number: int, word: str):
+    return world.gitea.wait_for(
+        lambda g: next((c for c in world.ccci_comments(number) if word in "\n".join(c.body.splitlines()[:2])), None),
+        timeout=60,
+    )
+
+
+def settled(world) -> None:
+    """Wait until ccci has delivered everything it meant to say to the forge."""
+    metrics = world.ccci.url + "/metrics"
+    wait_until(lambda: "ccci_outbox_backlog 0\n" in requests.get(metrics, timeout=10).text, what="the outbox to drain")

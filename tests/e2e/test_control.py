@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 import requests
+
+from tests.e2e.conftest import final_comment, settled, wait_until
 
 SLOW_CI = """\
 timeout: 120
@@ -48,20 +49,6 @@ def slow_world(make_world, tmp_path):
     return make
 
 
-def wait_until(predicate, timeout=60.0, what="condition"):
-    """Wait for a condition that has no event to wait on (files written by other processes)."""
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
-
-
 def token_pids(world, run_id: int) -> list[int]:
     """Return the host pids whose command line carries the run's token (unique to this world)."""
     token = f"ccci-token-{world.marks}-{run_id}\0".encode()
@@ -74,19 +61,6 @@ def token_pids(world, run_id: int) -> list[int]:
             except OSError:
                 pass
     return pids
-
-
-def final_comment(world, number: int, word: str):
-    return world.gitea.wait_for(
-        lambda g: next((c for c in world.ccci_comments(number) if word in "\n".join(c.body.splitlines()[:2])), None),
-        timeout=60,
-    )
-
-
-def settled(world) -> None:
-    """Wait until ccci has delivered everything it meant to say to the forge."""
-    metrics = world.ccci.url + "/metrics"
-    wait_until(lambda: "ccci_outbox_backlog 0\n" in requests.get(metrics, timeout=10).text, what="the outbox to drain")
 
 
 def start_slow_run(world, number: int, user: str = "alice") -> tuple[int, str]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -101,6 +102,7 @@ class FakeGitea(FakeServer):
         self.members: dict[str, set[str]] = {}  # org (lower) -> logins (lower)
         self.hidden_orgs: set[str] = set()  # orgs the bot is not in: /members redirects
         self.down = False
+        self.held: list[list[Any]] = []  # [method, path pattern, release, answers still to hold]
         self._ids = iter(range(1000, 10**9))
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -170,6 +172,17 @@ class FakeGitea(FakeServer):
         with self._cond:
             self.down = down
             self._cond.notify_all()
+
+    def hold_after_write(self, method: str, pattern: str, times: int = 1) -> threading.Event:
+        """Apply the next ``times`` matching requests but hold their answers until the event is set.
+
+        The write has landed on the forge, and the client has not heard so: what a crash of the
+        client between sending and recording looks like from here.
+        """
+        release = threading.Event()
+        with self._cond:
+            self.held.append([method, pattern, release, times])
+        return release
 
     def post_comment(self, owner: str, repo: str, number: int, body: str, *, user: str = "alice") -> FakeComment:
         """Add a comment as ``user`` directly (a person commenting), without an API call."""
@@ -486,6 +499,12 @@ class _Handler(FakeHandler):
                 body = None
             status, payload, headers = fake._api(self.command, split.path, query, self.headers, body)
             fake._record(self.command, split.path, query, body, status)
+            with fake._cond:
+                holds = [h for h in fake.held if h[0] == self.command and re.search(h[1], split.path) and h[3] > 0]
+                for hold in holds:
+                    hold[3] -= 1
+            for hold in holds:
+                hold[2].wait(60)
             data = b"" if payload is None else json.dumps(payload).encode()
             self.send_response(status)
             for name, value in headers.items():
