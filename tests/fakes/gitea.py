@@ -28,6 +28,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -83,6 +84,8 @@ class FakeComment:
     body: str
     user: str
     history: list[str] = field(default_factory=list)
+    created: int = field(default_factory=lambda: int(time.time()))  # unix seconds, as Gitea keeps them
+    updated: int = field(default_factory=lambda: int(time.time()))
 
 
 class FakeGitea(FakeServer):
@@ -252,10 +255,23 @@ class FakeGitea(FakeServer):
         return (204, None, {}) if login.lower() in self.members.get(org.lower(), ()) else (404, None, {})
 
     def _list_comments(self, body: Any, query: dict[str, str], owner: str, repo: str, n: str) -> tuple[int, Any, dict]:
+        # routers/api/v1/repo/issue_comment.go ListIssueComments: no paging at all (page and limit
+        # are ignored); only since/before, RFC 3339, compared with updated_at in whole seconds.
+        bounds = {}
+        for key in ("since", "before"):
+            if query.get(key, "").strip():
+                try:
+                    bounds[key] = int(datetime.fromisoformat(query[key].strip()).timestamp())
+                except ValueError:
+                    return 422, {"message": f'parsing time "{query[key]}" as RFC 3339 failed'}, {}
         if (owner, repo, int(n)) not in self.pulls:
             return _not_found()
-        page, limit = max(1, int(query.get("page", 1))), min(50, max(1, int(query.get("limit", 50))))
-        items = self.comments_on(owner, repo, int(n))[(page - 1) * limit : page * limit]
+        items = [
+            c
+            for c in self.comments_on(owner, repo, int(n))
+            if c.updated >= bounds.get("since", 0) and c.updated <= bounds.get("before", 1 << 62)
+        ]
+        items.sort(key=lambda c: (c.created, c.id))
         return 200, [self._comment_json(c) for c in items], {}
 
     def _create_comment(self, body: Any, query: Any, owner: str, repo: str, n: str) -> tuple[int, Any, dict]:
@@ -283,6 +299,7 @@ class FakeGitea(FakeServer):
             return 403, {"message": "user should be the poster or an admin"}, {}
         comment.history.append(comment.body)
         comment.body = body["body"]
+        comment.updated = int(time.time())
         return 200, self._comment_json(comment), {}
 
     def _add_reaction(self, body: Any, query: Any, owner: str, repo: str, cid: str) -> tuple[int, Any, dict]:
@@ -390,8 +407,8 @@ class FakeGitea(FakeServer):
             "original_author_id": 0,
             "body": c.body,
             "assets": [],
-            "created_at": _T0,
-            "updated_at": _T0,
+            "created_at": _rfc3339(c.created),
+            "updated_at": _rfc3339(c.updated),
         }
 
     # -- git -------------------------------------------------------------------------------------
@@ -436,6 +453,10 @@ _ROUTES: list[tuple[str, str, Callable[..., tuple[int, Any, dict[str, str]]]]] =
         FakeGitea._set_status,
     ),
 ]
+
+
+def _rfc3339(unix: int) -> str:
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _not_found() -> tuple[int, Any, dict[str, str]]:
