@@ -103,6 +103,9 @@ class FakeGitea(FakeServer):
         self.statuses: dict[str, list[dict[str, Any]]] = {}  # sha -> statuses, in posting order
         self.members: dict[str, set[str]] = {}  # org (lower) -> logins (lower)
         self.hidden_orgs: set[str] = set()  # orgs the bot is not in: /members redirects
+        # ccci's account has write access to the repositories (commit statuses need it), and with
+        # it Gitea lets it edit anyone's comment, not only its own.
+        self.bot_can_write = True
         self.down = False
         self._ids = iter(range(1000, 10**9))
 
@@ -164,7 +167,7 @@ class FakeGitea(FakeServer):
             self._cond.notify_all()
 
     def hide_members(self, org: str, hidden: bool = True) -> None:
-        """Act as if ccci's account is not in ``org``: membership checks then redirect (302)."""
+        """Act as if ccci's account is not in ``org``: membership checks then redirect (303)."""
         with self._cond:
             (self.hidden_orgs.add if hidden else self.hidden_orgs.discard)(org.lower())
 
@@ -239,6 +242,12 @@ class FakeGitea(FakeServer):
                     return handler(self, body, query, **m.groupdict())
         return 404, {"message": "Not Found", "url": f"{self.url}/api/swagger"}, {}
 
+    def _missing_issue(self, owner: str, repo: str, n: str) -> tuple[int, Any, dict]:
+        # The comment endpoints look the issue up and answer any failure, "does not exist"
+        # included, as an internal error (routers/api/v1/repo/issue_comment.go): a 500, not a 404.
+        repo_id = self._repo_json(owner, repo)["id"]
+        return 500, {"message": f"issue does not exist [id: 0, repo_id: {repo_id}, index: {n}]"}, {}
+
     def _get_pull(self, body: Any, query: Any, owner: str, repo: str, n: str) -> tuple[int, Any, dict]:
         pull = self.pulls.get((owner, repo, int(n)))
         if pull is None:
@@ -247,7 +256,7 @@ class FakeGitea(FakeServer):
 
     def _is_member(self, body: Any, query: Any, org: str, login: str) -> tuple[int, Any, dict]:
         if org.lower() in self.hidden_orgs:
-            return 302, None, {"Location": f"{self.url}/api/v1/orgs/{org}/public_members/{login}"}
+            return 303, None, {"Location": f"{self.url}/api/v1/orgs/{org}/public_members/{login}"}
         return (204, None, {}) if login.lower() in self.members.get(org.lower(), ()) else (404, None, {})
 
     def _is_public_member(self, body: Any, query: Any, org: str, login: str) -> tuple[int, Any, dict]:
@@ -265,7 +274,7 @@ class FakeGitea(FakeServer):
                 except ValueError:
                     return 422, {"message": f'parsing time "{query[key]}" as RFC 3339 failed'}, {}
         if (owner, repo, int(n)) not in self.pulls:
-            return _not_found()
+            return self._missing_issue(owner, repo, n)
         items = [
             c
             for c in self.comments_on(owner, repo, int(n))
@@ -275,10 +284,10 @@ class FakeGitea(FakeServer):
         return 200, [self._comment_json(c) for c in items], {}
 
     def _create_comment(self, body: Any, query: Any, owner: str, repo: str, n: str) -> tuple[int, Any, dict]:
-        if (owner, repo, int(n)) not in self.pulls:
-            return _not_found()
         if not isinstance(body, dict) or not isinstance(body.get("body"), str) or not body["body"]:
-            return 422, {"message": "[Body]: Required"}, {}
+            return 422, {"message": "[Body]: Required"}, {}  # the form binding answers before the handler
+        if (owner, repo, int(n)) not in self.pulls:
+            return self._missing_issue(owner, repo, n)
         comment = FakeComment(next(self._ids), owner, repo, int(n), body["body"], self.bot_login)
         self.comments[comment.id] = comment
         return 201, self._comment_json(comment), {}
@@ -295,8 +304,8 @@ class FakeGitea(FakeServer):
             return _not_found()
         if not isinstance(body, dict) or not isinstance(body.get("body"), str):
             return 422, {"message": "[Body]: Required"}, {}
-        if comment.user != self.bot_login:
-            return 403, {"message": "user should be the poster or an admin"}, {}
+        if comment.user != self.bot_login and not self.bot_can_write:
+            return 403, None, {}  # editIssueComment: neither the poster nor a writer, an empty 403
         comment.history.append(comment.body)
         comment.body = body["body"]
         comment.updated = int(time.time())
@@ -460,7 +469,7 @@ def _rfc3339(unix: int) -> str:
 
 
 def _not_found() -> tuple[int, Any, dict[str, str]]:
-    return 404, {"message": "The target couldn't be found.", "errors": []}, {}
+    return 404, {"errors": None, "message": "not found"}, {}
 
 
 def _user(login: str) -> dict[str, Any]:
