@@ -184,7 +184,7 @@ def _download(go: str, env: dict[str, str]) -> dict[str, str]:
     for key, pinned in (("Sum", MODULE_SUM), ("GoModSum", GO_MOD_SUM)):
         if module.get(key) != pinned:
             raise GiteaBuildError(
-                f"the proxy served {MODULE}@v{VERSION} with {key} {module.get(key)!r}, but {__file__} pins "
+                f"go mod download gave {MODULE}@v{VERSION} with {key} {module.get(key)!r}, but {__file__} pins "
                 f"{pinned!r}: refusing to build it. Either the download was tampered with, or the pin is "
                 "wrong for this version."
             )
