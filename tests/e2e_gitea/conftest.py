@@ -155,6 +155,15 @@ class GiteaWorld:
             timeout,
         )
 
+    def status_becomes(self, sha: str, state: str, timeout: float = 60) -> list[dict[str, Any]]:
+        """Wait until the latest commit status of ``sha`` is ``state``; return all of them, oldest first."""
+
+        def latest() -> list[dict[str, Any]]:
+            statuses = self.admin.statuses(self.org, REPO, sha)
+            return statuses if statuses and statuses[-1]["status"] == state else []
+
+        return self.until(latest, f"the status of {sha[:10]} to become {state}", timeout)
+
     def started(self, run_id: int, timeout: float = 60) -> None:
         """Wait until run ``run_id`` is in its held step."""
         self.until(lambda: (self.marks / f"started-{run_id}").exists(), f"run {run_id} to start", timeout)

@@ -50,7 +50,7 @@ def test_testme_cancel_stops_the_run_mid_step(gitea_world):
     assert f"@{world.member}" in final["body"]
     assert (world.marks / f"teardown-{run}").exists(), "the teardown step did not run"
     world.until(lambda: (world.bot, "+1") in world.admin.reactions(world.org, REPO, cancel), "the +1 on the cancel")
-    world.until(lambda: world.admin.statuses(world.org, REPO, sha)[-1]["status"] == "error", "the error status")
+    world.status_becomes(sha, "error")
     assert len(world.bot_comments(pr)) == 1
     assert [r["state"] for r in world.runs()] == ["canceled"]
 
@@ -67,5 +67,5 @@ def test_a_push_during_the_run_is_reported_as_stale(gitea_world):
     assert "Stale" in final["body"] and newer[:10] in final["body"] and f"at `{sha[:10]}`" in final["body"]
     assert world.run_json(run)["report"]["sha"] == sha
     # The statuses belong to the commit that was tested, not to the new head.
-    world.until(lambda: world.admin.statuses(world.org, REPO, sha)[-1]["status"] == "success", "the success")
+    world.status_becomes(sha, "success")
     assert world.admin.statuses(world.org, REPO, newer) == []

@@ -53,4 +53,4 @@ def test_a_pr_from_a_fork_tests_the_fork_head(gitea_world):
     assert report["sha"] == sha
     checkout = next(s for s in report["steps"] if s["name"] == "checkout")
     assert f"HEAD is {sha}" in checkout["stdout"]
-    assert world.admin.statuses(world.org, REPO, sha)[-1]["status"] == "success"
+    world.status_becomes(sha, "success")

@@ -24,7 +24,8 @@ def test_testme_runs_the_pr_head_and_reports_in_one_comment(gitea_world):
     world.until(lambda: (world.bot, "eyes") in world.admin.reactions(world.org, REPO, comment_id), "eyes")
     queued = world.bot_comment_saying(pr, "queued")
     assert f"<!-- ccci:run={run} -->" in queued["body"] and sha[:10] in queued["body"]
-    assert [s["status"] for s in world.admin.statuses(world.org, REPO, sha)] == ["pending"]
+    pending = world.until(lambda: world.admin.statuses(world.org, REPO, sha), "the pending status")
+    assert [s["status"] for s in pending] == ["pending"]
     world.bot_comment_saying(first_pr, "running")
 
     world.release(first)
@@ -41,7 +42,7 @@ def test_testme_runs_the_pr_head_and_reports_in_one_comment(gitea_world):
 
     head = world.admin.pull(world.org, REPO, pr)["head"]["sha"]
     assert head == sha and f"at `{head[:10]}`" in final["body"]
-    statuses = world.admin.statuses(world.org, REPO, sha)
+    statuses = world.status_becomes(sha, "success")
     assert statuses[0]["status"] == "pending" and statuses[-1]["status"] == "success", statuses
     assert {s["context"] for s in statuses} == {"ccci/testme"}
     assert all(s["creator"]["login"] == world.bot for s in statuses)
