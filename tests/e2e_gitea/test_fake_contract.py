@@ -73,7 +73,8 @@ def _script(side: Side) -> list[tuple[str, Any]]:
         try:
             outcome = ("ok", norm(read(call())))
         except ForgeError as exc:
-            outcome = ("ForgeError", exc.status, exc.transient)
+            # The message after "HTTP <status>" is Gitea's own, which ccci puts in its logs.
+            outcome = ("ForgeError", exc.status, exc.transient, str(exc).partition(f"HTTP {exc.status}")[2])
         steps.append((name, {"http": list(statuses), "outcome": outcome}))
 
     def comments() -> list[dict[str, Any]]:

@@ -234,7 +234,8 @@ class FakeGitea(FakeServer):
         if self.down:
             return 503, {"message": "fake forge is down"}, {}
         if headers.get("Authorization") != f"token {self.token}":
-            return 401, {"message": "token is required", "url": f"{self.url}/api/swagger"}, {}
+            message = "invalid username, password or token" if headers.get("Authorization") else "token is required"
+            return 401, {"message": message, "url": f"{self.url}/api/swagger"}, {}
         for route_method, pattern, handler in _ROUTES:
             m = re.fullmatch(pattern, path)
             if m and route_method == method:
@@ -242,11 +243,11 @@ class FakeGitea(FakeServer):
                     return handler(self, body, query, **m.groupdict())
         return 404, {"message": "Not Found", "url": f"{self.url}/api/swagger"}, {}
 
-    def _missing_issue(self, owner: str, repo: str, n: str) -> tuple[int, Any, dict]:
+    def _missing_issue(self) -> tuple[int, Any, dict]:
         # The comment endpoints look the issue up and answer any failure, "does not exist"
-        # included, as an internal error (routers/api/v1/repo/issue_comment.go): a 500, not a 404.
-        repo_id = self._repo_json(owner, repo)["id"]
-        return 500, {"message": f"issue does not exist [id: 0, repo_id: {repo_id}, index: {n}]"}, {}
+        # included, as an internal error (routers/api/v1/repo/issue_comment.go): a 500, not a 404,
+        # whose text ("issue does not exist [...]") only a site admin gets to read.
+        return 500, {"message": "", "url": f"{self.url}/api/swagger"}, {}
 
     def _get_pull(self, body: Any, query: Any, owner: str, repo: str, n: str) -> tuple[int, Any, dict]:
         pull = self.pulls.get((owner, repo, int(n)))
@@ -274,7 +275,7 @@ class FakeGitea(FakeServer):
                 except ValueError:
                     return 422, {"message": f'parsing time "{query[key]}" as RFC 3339 failed'}, {}
         if (owner, repo, int(n)) not in self.pulls:
-            return self._missing_issue(owner, repo, n)
+            return self._missing_issue()
         items = [
             c
             for c in self.comments_on(owner, repo, int(n))
@@ -287,7 +288,7 @@ class FakeGitea(FakeServer):
         if not isinstance(body, dict) or not isinstance(body.get("body"), str) or not body["body"]:
             return 422, {"message": "[Body]: Required"}, {}  # the form binding answers before the handler
         if (owner, repo, int(n)) not in self.pulls:
-            return self._missing_issue(owner, repo, n)
+            return self._missing_issue()
         comment = FakeComment(next(self._ids), owner, repo, int(n), body["body"], self.bot_login)
         self.comments[comment.id] = comment
         return 201, self._comment_json(comment), {}
