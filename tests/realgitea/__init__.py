@@ -2,6 +2,7 @@
 
 ``build``    the pinned release, downloaded from the Go module proxy and built into a cache
 ``instance`` one running Gitea per directory: start (users, tokens, JSON line), stop
+``appini``   the app.ini it runs with
 ``cli``      ``scripts/gitea build | start DIR | stop DIR`` on the two above
 
 These three use the standard library only, so ``scripts/gitea`` runs without the virtualenv.

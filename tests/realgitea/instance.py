@@ -1,8 +1,8 @@
 """A running Gitea: one headless instance per directory, found again by its pid file.
 
     DIR/
-    ├── custom/conf/app.ini   loopback port, SQLite, webhooks allowed to loopback, no mailer,
-    │                         no update checker, offline
+    ├── custom/conf/app.ini   written by appini.py: loopback port, SQLite, webhooks allowed to
+    │                         loopback, no mailer, no update checker, offline
     ├── data/                 the SQLite database, repositories, sessions, git's HOME
     ├── log/web.log           what `gitea web` prints
     ├── gitea.pid             "<pid> <start time>" of `gitea web`
@@ -16,7 +16,6 @@ the files above (only those: DIR may be anything the caller chose).
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -32,6 +31,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .appini import write_app_ini
 from .build import Build
 
 ADMIN_USER = "ccci-admin"
@@ -81,7 +81,7 @@ def start(directory: Path | str, build: Build) -> Instance:
         (directory / sub).mkdir(parents=True, exist_ok=True)
     env = _environment(directory)
     port = _free_port()
-    ini = _write_app_ini(directory, build, port)
+    ini = write_app_ini(directory, build.static_root, port)
     gitea = [str(build.binary), "--work-path", str(directory), "--config", str(ini)]
 
     _run([*gitea, "migrate"], env, "create Gitea's database")
@@ -95,7 +95,7 @@ def start(directory: Path | str, build: Build) -> Instance:
         if pid is not None:
             break
         port = _free_port()  # someone took the port between our look and Gitea's bind
-        ini = _write_app_ini(directory, build, port)
+        ini = write_app_ini(directory, build.static_root, port)
     else:
         raise GiteaInstanceError(f"Gitea could not bind a free port three times:\n{_log_tail(directory)}")
     instance = Instance(str(directory), url, ADMIN_USER, admin_password, admin_token, BOT_USER, bot_token, pid)
@@ -162,96 +162,6 @@ def _environment(directory: Path) -> dict[str, str]:
         }
     )
     return env
-
-
-def _write_app_ini(directory: Path, build: Build, port: int) -> Path:
-    ini = directory / "custom" / "conf" / "app.ini"
-    root_section = "I_AM_BEING_UNSAFE_RUNNING_AS_ROOT = true\n" if os.geteuid() == 0 else ""
-    jwt = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
-    ini.write_text(
-        f"""; written by tests/realgitea/instance.py for ccci's tests: throwaway, loopback only
-APP_NAME = ccci-test
-RUN_MODE = prod
-WORK_PATH = {directory}
-{root_section}
-[server]
-PROTOCOL = http
-HTTP_ADDR = 127.0.0.1
-HTTP_PORT = {port}
-ROOT_URL = http://127.0.0.1:{port}/
-LOCAL_ROOT_URL = http://127.0.0.1:{port}/
-STATIC_ROOT_PATH = {build.static_root}
-APP_DATA_PATH = {directory}/data
-DISABLE_SSH = true
-START_SSH_SERVER = false
-LFS_START_SERVER = false
-OFFLINE_MODE = true
-GRACEFUL_HAMMER_TIME = 5s
-
-[database]
-DB_TYPE = sqlite3
-PATH = {directory}/data/gitea.db
-SQLITE_JOURNAL_MODE = WAL
-
-[repository]
-ROOT = {directory}/data/repos
-DEFAULT_BRANCH = main
-
-[security]
-INSTALL_LOCK = true
-SECRET_KEY = {secrets.token_hex(32)}
-INTERNAL_TOKEN = {secrets.token_hex(32)}
-PASSWORD_CHECK_PWN = false
-
-[oauth2]
-ENABLED = false
-JWT_SECRET = {jwt}
-
-[service]
-DISABLE_REGISTRATION = true
-REQUIRE_SIGNIN_VIEW = false
-DEFAULT_ALLOW_CREATE_ORGANIZATION = true
-ENABLE_NOTIFY_MAIL = false
-ENABLE_CAPTCHA = false
-
-[mailer]
-ENABLED = false
-
-[webhook]
-ALLOWED_HOST_LIST = loopback
-DELIVER_TIMEOUT = 20
-
-[queue]
-TYPE = channel
-
-[indexer]
-ISSUE_INDEXER_TYPE = db
-REPO_INDEXER_ENABLED = false
-
-[actions]
-ENABLED = false
-
-[packages]
-ENABLED = false
-
-[cron.update_checker]
-ENABLED = false
-
-[picture]
-DISABLE_GRAVATAR = true
-ENABLE_FEDERATED_AVATAR = false
-
-[api]
-ENABLE_SWAGGER = false
-
-[log]
-MODE = console
-LEVEL = Info
-ROOT_PATH = {directory}/log
-logger.router.MODE =
-"""
-    )
-    return ini
 
 
 def _create_user(gitea: list[str], env: dict[str, str], name: str, password: str, *, admin: bool, scopes) -> str:
