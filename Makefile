@@ -21,7 +21,7 @@ format: ## format the code
 	.venv/bin/ruff format . && .venv/bin/ruff check --fix .
 
 bench: ## run the benchmarks (results under bench/results/)
-	$(PY) bench/webhook_bench.py && $(PY) bench/vm_bench.py
+	$(PY) bench/webhook_bench.py && $(PY) bench/vm_bench.py && $(PY) bench/gitea_bench.py
 
 soak: ## the VM leak soak (slow; not in the default suite)
 	$(PY) -m pytest -m soak tests/vm

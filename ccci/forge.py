@@ -29,7 +29,6 @@ from .errors import ForgeError
 
 STATUS_STATES = ("pending", "success", "error", "failure", "warning")
 _SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")  # SHA-1, or SHA-256 object format
-_PAGE = 50
 
 
 @dataclass(frozen=True)
@@ -170,20 +169,15 @@ class GiteaClient:
 
     def list_comments(self, owner: str, repo: str, number: int) -> list[dict[str, Any]]:
         """Return every comment of issue or PR ``number``, oldest first, as the forge's JSON."""
+        # One request: Gitea and Forgejo page nothing here (only since/before narrow the list) and
+        # answer with every comment; asking for page 2 just gets all of them again.
         path = f"/repos/{_seg(owner)}/{_seg(repo)}/issues/{int(number)}/comments"
-        comments: list[dict[str, Any]] = []
-        page = 1
-        while True:
-            batch = self._json("GET", path, params={"page": page, "limit": _PAGE})
-            if not isinstance(batch, list) or not all(
-                isinstance(c, dict) and isinstance(c.get("id"), int) and isinstance(c.get("body"), str) for c in batch
-            ):
-                raise ForgeError(f"GET {path}: unexpected response")
-            comments.extend(batch)
-            # The server may cap limit lower than asked (MAX_RESPONSE_ITEMS): stop on an empty page.
-            if not batch or page >= 1000:
-                return comments
-            page += 1
+        comments = self._json("GET", path)
+        if not isinstance(comments, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("id"), int) and isinstance(c.get("body"), str) for c in comments
+        ):
+            raise ForgeError(f"GET {path}: unexpected response")
+        return comments
 
     def create_comment(self, owner: str, repo: str, number: int, body: str) -> int:
         """Post a comment on issue or PR ``number`` and return its id."""

@@ -86,7 +86,7 @@ def test_redirect_is_not_membership(gitea, client):
     )
     assert client.is_org_member("coop-cloud", "alice") is False
     assert gitea.calls[-1].path == "/api/v1/orgs/coop-cloud/members/alice"
-    assert gitea.calls[-1].status == 302
+    assert gitea.calls[-1].status == 303
 
 
 def test_membership_check_when_down_raises_transient(gitea, client):
@@ -120,17 +120,36 @@ def test_comments_create_edit_list(gitea, client):
     assert listed[1]["user"]["login"] == "ccci"
 
 
-def test_list_comments_pages_through_everything(gitea, client):
+def test_list_comments_is_one_request_for_every_comment(gitea, client):
     gitea.open_pr(OWNER, REPO, 7, SHA)
     ids = [gitea.post_comment(OWNER, REPO, 7, f"comment {i}").id for i in range(120)]
     assert [c["id"] for c in client.list_comments(OWNER, REPO, 7)] == ids
-    assert len(gitea.api_calls("GET", r"/comments$")) == 4  # 50 + 50 + 20 + an empty page
+    [call] = gitea.api_calls("GET", r"/comments$")
+    assert call.query == {}
+
+
+def test_fake_comment_list_has_no_paging_only_since_and_before(gitea):
+    gitea.open_pr(OWNER, REPO, 7, SHA)
+    old, new = gitea.post_comment(OWNER, REPO, 7, "old"), gitea.post_comment(OWNER, REPO, 7, "new")
+    old.created = old.updated = 1_700_000_000
+    url = f"{gitea.url}/api/v1/repos/{OWNER}/{REPO}/issues/7/comments"
+    auth = {"Authorization": f"token {TOKEN}"}
+
+    def ids(**params):
+        answer = requests.get(url, params=params, headers=auth, timeout=5)
+        assert answer.status_code == 200, answer.text
+        return [c["id"] for c in answer.json()]
+
+    assert ids() == ids(page=2, limit=1) == [old.id, new.id]  # like Gitea: paging is ignored
+    assert ids(since="2023-11-14T22:13:21Z") == [new.id]  # one second after the old comment
+    assert ids(before="2023-11-14T22:13:20Z") == [old.id]
+    assert requests.get(url, params={"since": "yesterday"}, headers=auth, timeout=5).status_code == 422
 
 
 def test_comment_on_missing_pr_and_editing_missing_comment(client):
     with pytest.raises(ForgeError) as info:
         client.create_comment(OWNER, REPO, 404, "hello")
-    assert info.value.status == 404
+    assert (info.value.status, info.value.transient) == (500, True)  # as Gitea answers a missing issue
     with pytest.raises(ForgeError) as info:
         client.edit_comment(OWNER, REPO, 123456, "hello")
     assert info.value.status == 404

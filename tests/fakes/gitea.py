@@ -29,6 +29,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -84,6 +85,8 @@ class FakeComment:
     body: str
     user: str
     history: list[str] = field(default_factory=list)
+    created: int = field(default_factory=lambda: int(time.time()))  # unix seconds, as Gitea keeps them
+    updated: int = field(default_factory=lambda: int(time.time()))
 
 
 class FakeGitea(FakeServer):
@@ -101,6 +104,9 @@ class FakeGitea(FakeServer):
         self.statuses: dict[str, list[dict[str, Any]]] = {}  # sha -> statuses, in posting order
         self.members: dict[str, set[str]] = {}  # org (lower) -> logins (lower)
         self.hidden_orgs: set[str] = set()  # orgs the bot is not in: /members redirects
+        # ccci's account has write access to the repositories (commit statuses need it), and with
+        # it Gitea lets it edit anyone's comment, not only its own.
+        self.bot_can_write = True
         self.down = False
         self.held: list[list[Any]] = []  # [method, path pattern, release, answers still to hold]
         self._ids = iter(range(1000, 10**9))
@@ -163,7 +169,7 @@ class FakeGitea(FakeServer):
             self._cond.notify_all()
 
     def hide_members(self, org: str, hidden: bool = True) -> None:
-        """Act as if ccci's account is not in ``org``: membership checks then redirect (302)."""
+        """Act as if ccci's account is not in ``org``: membership checks then redirect (303)."""
         with self._cond:
             (self.hidden_orgs.add if hidden else self.hidden_orgs.discard)(org.lower())
 
@@ -241,13 +247,20 @@ class FakeGitea(FakeServer):
         if self.down:
             return 503, {"message": "fake forge is down"}, {}
         if headers.get("Authorization") != f"token {self.token}":
-            return 401, {"message": "token is required", "url": f"{self.url}/api/swagger"}, {}
+            message = "invalid username, password or token" if headers.get("Authorization") else "token is required"
+            return 401, {"message": message, "url": f"{self.url}/api/swagger"}, {}
         for route_method, pattern, handler in _ROUTES:
             m = re.fullmatch(pattern, path)
             if m and route_method == method:
                 with self._cond:
                     return handler(self, body, query, **m.groupdict())
         return 404, {"message": "Not Found", "url": f"{self.url}/api/swagger"}, {}
+
+    def _missing_issue(self) -> tuple[int, Any, dict]:
+        # The comment endpoints look the issue up and answer any failure, "does not exist"
+        # included, as an internal error (routers/api/v1/repo/issue_comment.go): a 500, not a 404,
+        # whose text ("issue does not exist [...]") only a site admin gets to read.
+        return 500, {"message": "", "url": f"{self.url}/api/swagger"}, {}
 
     def _get_pull(self, body: Any, query: Any, owner: str, repo: str, n: str) -> tuple[int, Any, dict]:
         pull = self.pulls.get((owner, repo, int(n)))
@@ -257,7 +270,7 @@ class FakeGitea(FakeServer):
 
     def _is_member(self, body: Any, query: Any, org: str, login: str) -> tuple[int, Any, dict]:
         if org.lower() in self.hidden_orgs:
-            return 302, None, {"Location": f"{self.url}/api/v1/orgs/{org}/public_members/{login}"}
+            return 303, None, {"Location": f"{self.url}/api/v1/orgs/{org}/public_members/{login}"}
         return (204, None, {}) if login.lower() in self.members.get(org.lower(), ()) else (404, None, {})
 
     def _is_public_member(self, body: Any, query: Any, org: str, login: str) -> tuple[int, Any, dict]:
@@ -265,17 +278,30 @@ class FakeGitea(FakeServer):
         return (204, None, {}) if login.lower() in self.members.get(org.lower(), ()) else (404, None, {})
 
     def _list_comments(self, body: Any, query: dict[str, str], owner: str, repo: str, n: str) -> tuple[int, Any, dict]:
+        # routers/api/v1/repo/issue_comment.go ListIssueComments: no paging at all (page and limit
+        # are ignored); only since/before, RFC 3339, compared with updated_at in whole seconds.
+        bounds = {}
+        for key in ("since", "before"):
+            if query.get(key, "").strip():
+                try:
+                    bounds[key] = int(datetime.fromisoformat(query[key].strip()).timestamp())
+                except ValueError:
+                    return 422, {"message": f'parsing time "{query[key]}" as RFC 3339 failed'}, {}
         if (owner, repo, int(n)) not in self.pulls:
-            return _not_found()
-        page, limit = max(1, int(query.get("page", 1))), min(50, max(1, int(query.get("limit", 50))))
-        items = self.comments_on(owner, repo, int(n))[(page - 1) * limit : page * limit]
+            return self._missing_issue()
+        items = [
+            c
+            for c in self.comments_on(owner, repo, int(n))
+            if c.updated >= bounds.get("since", 0) and c.updated <= bounds.get("before", 1 << 62)
+        ]
+        items.sort(key=lambda c: (c.created, c.id))
         return 200, [self._comment_json(c) for c in items], {}
 
     def _create_comment(self, body: Any, query: Any, owner: str, repo: str, n: str) -> tuple[int, Any, dict]:
-        if (owner, repo, int(n)) not in self.pulls:
-            return _not_found()
         if not isinstance(body, dict) or not isinstance(body.get("body"), str) or not body["body"]:
-            return 422, {"message": "[Body]: Required"}, {}
+            return 422, {"message": "[Body]: Required"}, {}  # the form binding answers before the handler
+        if (owner, repo, int(n)) not in self.pulls:
+            return self._missing_issue()
         comment = FakeComment(next(self._ids), owner, repo, int(n), body["body"], self.bot_login)
         self.comments[comment.id] = comment
         return 201, self._comment_json(comment), {}
@@ -292,10 +318,11 @@ class FakeGitea(FakeServer):
             return _not_found()
         if not isinstance(body, dict) or not isinstance(body.get("body"), str):
             return 422, {"message": "[Body]: Required"}, {}
-        if comment.user != self.bot_login:
-            return 403, {"message": "user should be the poster or an admin"}, {}
+        if comment.user != self.bot_login and not self.bot_can_write:
+            return 403, None, {}  # editIssueComment: neither the poster nor a writer, an empty 403
         comment.history.append(comment.body)
         comment.body = body["body"]
+        comment.updated = int(time.time())
         return 200, self._comment_json(comment), {}
 
     def _add_reaction(self, body: Any, query: Any, owner: str, repo: str, cid: str) -> tuple[int, Any, dict]:
@@ -415,8 +442,8 @@ class FakeGitea(FakeServer):
             "original_author_id": 0,
             "body": c.body,
             "assets": [],
-            "created_at": _T0,
-            "updated_at": _T0,
+            "created_at": _rfc3339(c.created),
+            "updated_at": _rfc3339(c.updated),
         }
 
     # -- git -------------------------------------------------------------------------------------
@@ -468,8 +495,12 @@ _ROUTES: list[tuple[str, str, Callable[..., tuple[int, Any, dict[str, str]]]]] =
 ]
 
 
+def _rfc3339(unix: int) -> str:
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _not_found() -> tuple[int, Any, dict[str, str]]:
-    return 404, {"message": "The target couldn't be found.", "errors": []}, {}
+    return 404, {"errors": None, "message": "not found"}, {}
 
 
 def _user(login: str) -> dict[str, Any]:
