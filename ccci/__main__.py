@@ -97,9 +97,14 @@ def cmd_worker(settings, args) -> int:
     from .worker import Worker
 
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     worker = Worker(settings, GiteaClient(settings.FORGE_URL, settings.FORGE_TOKEN))
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+        worker.doorbell.ring()  # wake its wait now, not at the end of it
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     worker.serve(stop)
     return 0
 

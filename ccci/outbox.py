@@ -30,6 +30,9 @@ from .store import OutboxItem, Store
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 300.0
+# A write the forge keeps failing for this many attempts (hours, with the backoff) is given up:
+# e.g. Gitea answers 500 with no message to comments on a PR that no longer exists.
+MAX_ATTEMPTS = 40
 # 4xx answers that will never succeed however often they are retried: give up on those.
 PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 410, 422, 423})
 
@@ -37,9 +40,10 @@ PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 410, 422, 423})
 class Courier:
     """Delivers outbox writes to the forge; owned by the worker process."""
 
-    def __init__(self, store: Store, forge: Forge, *, base_backoff: float = 1.0):
+    def __init__(self, store: Store, forge: Forge, *, bot_login: str = "", base_backoff: float = 1.0):
         self.store = store
         self.forge = forge
+        self.bot_login = bot_login  # only comments of this account are ever taken for ccci's own
         self.base_backoff = base_backoff
 
     def deliver_due(self, now: float | None = None) -> float | None:
@@ -59,8 +63,9 @@ class Courier:
             try:
                 self._deliver(item)
             except ForgeError as exc:
-                if exc.status in PERMANENT_STATUSES:
-                    log.error("outbox %s (%s) refused by the forge, giving up: %s", item.id, item.kind, exc)
+                if exc.status in PERMANENT_STATUSES or item.attempts + 1 >= MAX_ATTEMPTS:
+                    why = "refused by the forge" if exc.status in PERMANENT_STATUSES else f"failed {MAX_ATTEMPTS} times"
+                    log.error("outbox %s (%s) %s, giving up: %s", item.id, item.kind, why, exc)
                     self.store.mark_delivered(item.id, payload=item.payload)
                     continue
                 delay = min(MAX_BACKOFF, self.base_backoff * 2**item.attempts) * random.uniform(0.8, 1.2)
@@ -110,7 +115,7 @@ class Courier:
         if comment_id is None:
             # A crash between creating the comment and recording its id must not make a
             # second comment: look for our hidden marker first.
-            comment_id = self._find_marked_comment(run.owner, run.repo, run.pr, p["marker"])
+            comment_id = self._find_comment(run.owner, run.repo, run.pr, p["marker"])
         if comment_id is None:
             comment_id = self.forge.create_comment(run.owner, run.repo, run.pr, p["body"])
         else:
@@ -118,12 +123,18 @@ class Courier:
         if run.status_comment != comment_id:
             self.store.update_run(run.id, status_comment=comment_id)
 
-    def _find_marked_comment(self, owner: str, repo: str, pr: int, marker: str) -> int | None:
-        return self._find_comment(owner, repo, pr, marker)
-
     def _find_comment(self, owner: str, repo: str, pr: int, key: str) -> int | None:
+        """Return ccci's own comment carrying ``key``, if there is one.
+
+        Anyone can write a hidden marker into a comment; only one written by ccci's account is
+        ccci's (else the run's report would be edited into a stranger's comment). Without
+        BOT_LOGIN no comment can be told for ccci's, so none is adopted.
+        """
+        if not self.bot_login:
+            return None
         for comment in self.forge.list_comments(owner, repo, pr):
-            if key in comment.get("body", ""):
+            author = (comment.get("user") or {}).get("login", "")
+            if key in comment.get("body", "") and str(author).lower() == self.bot_login.lower():
                 return int(comment["id"])
         return None
 

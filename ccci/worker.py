@@ -56,7 +56,7 @@ class Worker:
         self.forge = forge
         self.store = store or Store(settings.db_path)
         self.reporter = Reporter(self.store, settings)
-        self.courier = Courier(self.store, forge)
+        self.courier = Courier(self.store, forge, bot_login=settings.BOT_LOGIN)
         self.doorbell = Doorbell(settings.STATE_DIR / "worker.sock")
         self.dispatcher = dispatcher or make_dispatcher(settings, self.doorbell)
         self._progress_seen: dict[int, int] = {}

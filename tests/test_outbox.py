@@ -40,7 +40,7 @@ def test_writes_wait_while_the_forge_is_down_and_all_arrive_in_order_after(tmp_p
     gitea, client = forge
     store = Store(tmp_path / "db")
     reporter = Reporter(store, load_settings({}))
-    courier = Courier(store, client, base_backoff=0.01)
+    courier = Courier(store, client, bot_login=gitea.bot_login, base_backoff=0.01)
     run = make_run(store)
 
     gitea.set_down(True)
@@ -68,7 +68,7 @@ def test_the_run_comment_is_edited_in_place_and_found_again_by_its_marker(tmp_pa
     gitea, client = forge
     store = Store(tmp_path / "db")
     reporter = Reporter(store, load_settings({}))
-    courier = Courier(store, client)
+    courier = Courier(store, client, bot_login=gitea.bot_login)
     run = make_run(store)
     reporter.queued(run)
     courier.deliver_due()
@@ -86,7 +86,7 @@ def test_coalesced_edits_send_only_the_latest_body(tmp_path, forge):
     gitea, client = forge
     store = Store(tmp_path / "db")
     reporter = Reporter(store, load_settings({}))
-    courier = Courier(store, client)
+    courier = Courier(store, client, bot_login=gitea.bot_login)
     run = make_run(store)
     for _ in range(5):
         reporter.running(run, [])
@@ -99,7 +99,7 @@ def test_coalesced_edits_send_only_the_latest_body(tmp_path, forge):
 def test_a_permanent_refusal_is_given_up_instead_of_blocking_the_run(tmp_path, forge):
     gitea, client = forge
     store = Store(tmp_path / "db")
-    courier = Courier(store, client)
+    courier = Courier(store, client, bot_login=gitea.bot_login)
     store.enqueue(
         "reaction", {"owner": "coop-cloud", "repo": "hello", "comment_id": 424242, "content": "eyes"}, run_id=1
     )
@@ -118,3 +118,33 @@ def test_a_permanent_refusal_is_given_up_instead_of_blocking_the_run(tmp_path, f
     courier.deliver_due()
     assert store.outbox_backlog() == 0  # the 404 reaction was dropped, the status went out
     assert [s["state"] for s in gitea.statuses[SHA]] == ["success"]
+
+
+def test_a_marker_someone_else_wrote_is_never_taken_for_ccci_s_comment(tmp_path, forge):
+    gitea, client = forge
+    store = Store(tmp_path / "db")
+    reporter = Reporter(store, load_settings({}))
+    courier = Courier(store, client, bot_login=gitea.bot_login)
+    run = make_run(store)
+    planted = gitea.post_comment("coop-cloud", "hello", 3, f"nice PR <!-- ccci:run={run.id} -->", user="mallory")
+    reporter.queued(run)
+    courier.deliver_due()
+    assert gitea.comments[planted.id].body.startswith("nice PR") and not gitea.comments[planted.id].history
+    [own] = [c for c in gitea.comments.values() if c.user == gitea.bot_login]
+    assert store.get_run(run.id).status_comment == own.id
+
+
+def test_a_write_the_forge_keeps_failing_is_given_up_after_max_attempts(tmp_path, forge, monkeypatch):
+    from ccci import outbox
+
+    gitea, client = forge
+    monkeypatch.setattr(outbox, "MAX_ATTEMPTS", 3)
+    store = Store(tmp_path / "db")
+    courier = Courier(store, client, bot_login=gitea.bot_login, base_backoff=0.001)
+    store.enqueue("comment", {"owner": "coop-cloud", "repo": "hello", "pr": 3, "body": "hello"}, run_id=1)
+    gitea.set_down(True)
+    now = time.time()
+    for _ in range(3):
+        now = (courier.deliver_due(now) or now) + 1
+    assert store.outbox_backlog() == 0  # given up, and the run's later writes are free to go
+    assert len(gitea.api_calls()) == 3  # tried three times (a first POST, then looking before a resend)

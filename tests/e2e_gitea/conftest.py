@@ -205,6 +205,7 @@ def gitea_world(real_gitea: RealGitea, tmp_path: Path) -> Iterator[Callable[...,
         marks = tmp_path / "marks"
         recipes = tmp_path / "recipes" / REPO
         marks.mkdir()
+        marks.chmod(0o1777)  # steps run as SANDBOX_USER (nobody) when the suite runs as root
         recipes.mkdir(parents=True)
         (recipes / "ci.yml").write_text(HELD_CI.replace("$MARKS", str(marks)))
 

@@ -111,6 +111,13 @@ def _script(side: Side) -> list[tuple[str, Any]]:
                     context="ccci/testme",
                 ),
             )  # fmt: skip
+        fields = ("status", "description", "target_url", "context")
+        step(
+            "latest status",
+            lambda: client.latest_status(side.org, REPO, side.sha, "ccci/testme"),
+            lambda s: {k: s.get(k) for k in fields} if s else s,
+        )
+        step("latest status of another context", lambda: client.latest_status(side.org, REPO, side.sha, "other"))
     with GiteaClient(side.url, "0" * 40, timeout=10, retries=0) as stranger:
         stranger.session.hooks["response"].append(lambda response, *a, **k: statuses.append(response.status_code))
         step("wrong token", lambda: stranger.get_pull(side.org, REPO, side.pr))
