@@ -128,6 +128,11 @@ def cmd_test(settings, args) -> int:
     source = Path(args.source).resolve()
     if not source.is_dir():
         raise CcciError(f"test: --source {source} is not a directory")
+    if source in (Path("/"), Path.home().resolve()):
+        # The checkout is copied: copying / or a whole home directory is never what was meant.
+        raise CcciError(
+            f"test: refusing to copy {source} as the recipe checkout; run it in the checkout or pass --source DIR"
+        )
     request = RunRequest.checked(run_id=f"local-{os.getpid()}", recipe=recipe, source=source, ci_file=ci_file)
     printer = TerminalProgress(sys.stderr)
     report, code = execute(settings, request, on_event=printer)
@@ -144,6 +149,12 @@ def cmd_runs(settings, args) -> int:
     """List recent runs."""
     from .store import Store
 
+    if not settings.db_path.exists():
+        # Say where we looked instead of creating an empty database there.
+        print(f"no runs yet: there is no database at {settings.db_path} (STATE_DIR)", file=sys.stderr)
+        if args.json:
+            print("[]")
+        return 0
     runs = Store(settings.db_path).list_runs(states=tuple(args.state) if args.state else None, limit=args.limit)
     if args.json:
         print(json.dumps([r.to_dict() for r in runs], indent=2))
@@ -160,6 +171,8 @@ def cmd_cancel(settings, args) -> int:
     from .doorbell import Doorbell
     from .store import ACTIVE_STATES, Store
 
+    if not settings.db_path.exists():
+        raise CcciError(f"cancel: no run {args.run_id}: there is no database at {settings.db_path} (STATE_DIR)")
     store = Store(settings.db_path)
     run = store.get_run(args.run_id)
     if run is None or run.state == "refused":

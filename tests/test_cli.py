@@ -186,3 +186,39 @@ def test_sweep_reaps_a_dead_runs_app_through_its_recipes_teardown_and_leaves_not
     again = ccci("sweep", env={**env, "CCCI_RECIPES_DIR": str(recipes)})
     assert json.loads(again.stdout)["reaped_apps"] == []
     assert (tmp_path / "abra" / "servers" / "reaped").read_text().count("\n") == 1  # exactly once
+
+
+@pytest.fixture
+def home_env(env, tmp_path):
+    """The environment of a user who set no paths: everything follows from HOME."""
+    home = tmp_path / "home"
+    home.mkdir()
+    base = {k: v for k, v in env.items() if k not in ("CCCI_STATE_DIR", "XDG_STATE_HOME")}
+    return {**base, "HOME": str(home)}
+
+
+def test_test_passes_out_of_the_box_with_the_default_state_dir(home_env, checkout):
+    # The default STATE_DIR used to be ./var: bubblewrap could not bind the relative path.
+    done = ccci("test", "hello", env=home_env, cwd=checkout)
+    assert done.returncode == 0, done.stderr
+    state = Path(home_env["HOME"]) / ".local" / "state" / "ccci"
+    assert list((state / "runs").glob("local-*/report.json"))
+    assert not (checkout / "var").exists()
+
+
+def test_runs_and_cancel_find_the_same_store_from_any_directory(home_env, tmp_path):
+    assert ccci("runs", env=home_env).stderr.startswith("no runs yet: there is no database at")
+    assert "no database" in ccci("cancel", "1", env=home_env).stderr
+    state = Path(home_env["HOME"]) / ".local" / "state" / "ccci"
+    assert not state.exists()  # looking created nothing
+    _, run = Store(state / "ccci.db").claim_comment(owner="o", repo="hello", comment_id=1, action="test",
+                                                    run={"pr": 4, "recipe": "hello", "requester": "alice"})  # fmt: skip
+    for cwd in (Path("/"), tmp_path, ROOT):
+        assert [r["id"] for r in json.loads(ccci("runs", "--json", env=home_env, cwd=cwd).stdout)] == [run.id]
+
+
+@pytest.mark.parametrize("where", ["/", "home"])
+def test_test_refuses_to_copy_the_whole_filesystem_or_home(home_env, where):
+    cwd = Path(home_env["HOME"]) if where == "home" else Path("/")
+    done = ccci("test", "hello", env=home_env, cwd=cwd)
+    assert done.returncode == 1 and "refusing to copy" in done.stderr and "--source" in done.stderr

@@ -330,7 +330,7 @@ def test_drone_runner_gives_builds_settings_that_do_not_depend_on_home():
     builds = dict(pair.split(":", 1) for pair in runner_env()["DRONE_RUNNER_ENVIRON"].split(","))
     assert builds["CCCI_CONFIG"] == "/etc/ccci/config.toml"
     # The exec runner gives each build a throwaway HOME and workspace: the settings whose defaults
-    # resolve against them (./var, ~/.abra) must be given explicitly, as absolute paths.
+    # resolve against them (~/.local/state/ccci, ~/.abra) must be given explicitly, as absolute paths.
     env = {**builds, "CCCI_CONFIG": str(DEPLOY / "config.example.toml")}  # standing in for /etc/ccci
     settings = load_settings(env)
     for key in ("STATE_DIR", "LOCK_DIR", "ABRA_HOME"):
