@@ -1,4 +1,4 @@
-"""The command line: ``python -m ccci <command>``; ``python -m ccci --help`` lists them."""
+"""The command line: ``ccci <command>`` (or ``python -m ccci <command>``); ``ccci --help`` lists them."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+from . import __version__
 from .config import load_settings
 from .errors import CcciError, ConfigError
 
@@ -34,8 +35,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _prog() -> str:
+    """Return how ccci was called, for usage lines: ``ccci`` as a command, ``python -m ccci`` as a module."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return "python -m ccci" if name in ("", "__main__.py", "-c") else name
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ccci", description="Comment-triggered CI for Co-op Cloud recipes.")
+    parser = argparse.ArgumentParser(prog=_prog(), description="Comment-triggered CI for Co-op Cloud recipes.")
+    parser.add_argument("--version", action="version", version=f"ccci {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
 
     p = sub.add_parser("serve", help="run the web app (gunicorn) and the local worker together")

@@ -127,7 +127,7 @@ class Settings:
     RUN_TIMEOUT: int = field(default=3600, metadata={"doc": "Default deadline of a whole run", "duration": True})
     RUNS_PER_HOUR: int = field(default=20, metadata={"doc": "How many runs one user may start per hour"})
     RECIPES_DIR: Path = field(
-        default=PACKAGE_DIR.parent / "recipes",
+        default=PACKAGE_DIR / "recipes",
         metadata={
             "doc": "Directory holding <recipe>/ci.yml for every recipe ccci knows (default: the recipes ccci ships)"
         },
