@@ -67,7 +67,7 @@ def render_comment(
             "",
         ]
     rows = [_row(s) for s in report.steps]
-    foot = [f"- {_cell(n)}" for n in report.notes]
+    foot = [_note(n) for n in report.notes]
     if public_url:
         foot += ["", f"[Full log]({public_url.rstrip('/')}/runs/{marker_run_id}/log)"]
     failing = report.failing_step()
@@ -122,6 +122,17 @@ def _row(step: StepResult) -> str:
     status = step.status.replace("_", " ") + (" (allowed)" if step.allow_failure and step.status != "passed" else "")
     when = "" if step.status in ("skipped", "canceled") and not step.duration_ms else duration(step.duration_ms)
     return f"| {EMOJI[step.status]} | {_cell(step.name)} | {status} | {when} | {_cell(metrics)} |"
+
+
+def _note(text: str) -> str:
+    """Render a note as a list item; lines after its first (a YAML caret diagnostic) as code below it."""
+    first, _, rest = text.rstrip().partition("\n")
+    item = f"- {_cell(first)}"
+    if rest.strip():
+        fence = "`" * max(3, _longest_backtick_run(rest) + 1)
+        block = f"{fence}text\n{rest}\n{fence}"
+        item += "\n\n" + "\n".join("  " + line if line else "" for line in block.split("\n"))
+    return item
 
 
 def _details(step: StepResult, budget: int) -> str:

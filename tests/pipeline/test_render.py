@@ -84,3 +84,12 @@ def test_terminal_progress_prints_a_line_per_start_and_finish(tmp_path):
     assert sum("▶" in line for line in lines) == 5 and sum("passed" in line for line in lines) == 6
     assert lines[-1].startswith("✅ hello: passed") and "5/5 steps passed" in lines[-1]
     assert not any("│" in line for line in lines)  # not a TTY: no output echo
+
+
+def test_a_multi_line_note_keeps_its_lines_in_a_code_block():
+    first = "hello/ci.yml, line 3, column 14: not valid YAML: mapping values are not allowed here"
+    note = first + "\n        run: echo: x\n                 ^"
+    report = Report(run=2, recipe="hello", sha=SHA, status="error", total_ms=5, notes=[note])
+    text = render_comment(report, marker_run_id=2, tested_sha=SHA)
+    assert f"- {first}\n\n  ```text\n" in text
+    assert "\n          run: echo: x\n                   ^\n  ```" in text  # indented under the item, caret kept
