@@ -127,6 +127,8 @@ def cmd_test(settings, args) -> int:
     """Run a recipe's CI on a local checkout and print the report."""
     from .harness.run import RunRequest, execute
     from .pipeline.progress import TerminalProgress
+    from .pipeline.report import Report
+    from .runfiles import RunFiles
 
     recipe_arg = Path(args.recipe)
     if recipe_arg.is_dir() and (recipe_arg / "ci.yml").is_file():
@@ -144,12 +146,10 @@ def cmd_test(settings, args) -> int:
     request = RunRequest.checked(run_id=f"local-{os.getpid()}", recipe=recipe, source=source, ci_file=ci_file)
     printer = TerminalProgress(sys.stderr)
     report, code = execute(settings, request, on_event=printer)
+    files = RunFiles(settings.runs_dir, request.run_id)
+    printer.summary(Report.from_dict(report), log=files.log, report_file=files.report)
     if args.json:
         print(json.dumps(report, indent=2))
-    else:
-        from .pipeline.report import Report
-
-        printer.summary(Report.from_dict(report))
     return code
 
 

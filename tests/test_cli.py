@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -224,3 +225,34 @@ def test_test_refuses_to_copy_the_whole_filesystem_or_home(home_env, where):
     cwd = Path(home_env["HOME"]) if where == "home" else Path("/")
     done = ccci("test", "hello", env=home_env, cwd=cwd)
     assert done.returncode == 1 and "refusing to copy" in done.stderr and "--source" in done.stderr
+
+
+def test_a_failing_test_shows_why_and_where_its_files_are(env, checkout, tmp_path):
+    recipe = tmp_path / "failing"
+    recipe.mkdir()
+    (recipe / "ci.yml").write_text(
+        "steps:\n  - name: boom\n    run: |\n      for i in $(seq 100); do echo progress $i; done\n"
+        "      echo 'error: the database refused the connection' >&2; exit 3\n"
+    )
+    done = ccci("test", str(recipe), "--source", str(checkout), env=env)
+    assert done.returncode == 1
+    err = done.stderr
+    assert "last lines of boom (failed, exit 3):" in err
+    # The real error comes first, then the tail of stdout (as the PR comment shows it).
+    assert err.index("error: the database refused the connection") < err.index("progress 100")
+    assert "progress 1\n" not in err  # a tail, not the whole output
+    log = Path(re.search(r"^  log:    (\S+)$", err, re.M)[1])
+    report = Path(re.search(r"^  report: (\S+)$", err, re.M)[1])
+    assert "progress 100" in log.read_text() and json.loads(report.read_text())["status"] == "failed"
+
+
+def test_a_broken_ci_yml_says_why_on_the_terminal(env, checkout, tmp_path):
+    recipe = tmp_path / "broken"
+    recipe.mkdir()
+    (recipe / "ci.yml").write_text("steps:\n  - name: a\n    run: echo: x\n")
+    done = ccci("test", str(recipe), "--source", str(checkout), env=env)
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    at = lines.index("  broken/ci.yml, line 3, column 14: not valid YAML: mapping values are not allowed here")
+    assert lines[at + 1].strip() == "run: echo: x" and lines[at + 2].strip() == "^"
+    assert "(0/0 steps passed)" in done.stderr and "  report: " in done.stderr

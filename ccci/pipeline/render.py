@@ -3,7 +3,7 @@
 Every version carries the hidden marker ``<!-- ccci:run=<id> -->`` by which the reporter finds
 the comment again. The final version shows the verdict, recipe, short sha and duration, a step
 table (status, duration, metrics), notes, the last lines of the failing step's output in a
-``<details>`` block and a link to the full log. It always fits in ``limit`` characters (the
+``<details>`` block (``excerpt``: stderr first) and a link to the full log. It always fits in ``limit`` characters (the
 forge's comment size is bounded): the failing output is cut from its head, keeping its tail,
 then, if still needed, table rows are dropped. Reports are redacted before they get here.
 """
@@ -135,9 +135,20 @@ def _note(text: str) -> str:
     return item
 
 
+def excerpt(step: StepResult) -> list[tuple[str, str]]:
+    """Return the last lines of a step's output as (stream, text), the real error first.
+
+    stderr comes before stdout: a failing command says why on stderr, and a reader should not
+    have to scroll past a screen of progress output to find it. The PR comment and ``ccci test``
+    show this same excerpt.
+    """
+    streams = (("stderr", step.stderr), ("stdout", step.stdout))
+    return [(name, _tail(text)) for name, text in streams if text.strip()]
+
+
 def _details(step: StepResult, budget: int) -> str:
     code = "" if step.exit_code is None else f", exit {step.exit_code}"
-    parts = [(name, _tail(text)) for name, text in (("stdout", step.stdout), ("stderr", step.stderr)) if text]
+    parts = excerpt(step)
     if not parts:
         return ""
     share = budget // len(parts)
