@@ -79,12 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_cancel)
 
     p = sub.add_parser("sweep", help="reap leaked VM forks, app locks and sandboxes of dead owners")
+    p.add_argument("--json", action="store_true", help="print what was done as JSON")
     p.set_defaults(handler=cmd_sweep)
 
     p = sub.add_parser("image", help="guest images for the QEMU executor")
     image_sub = p.add_subparsers(dest="image_command", metavar="<image-command>", required=True)
     b = image_sub.add_parser("build", help="build (or find in the cache) a guest image")
     b.add_argument("name", help="image name, e.g. tiny")
+    b.add_argument("--json", action="store_true", help="print the built image as JSON")
     b.set_defaults(handler=cmd_image_build)
     return parser
 
@@ -194,12 +196,27 @@ def cmd_cancel(settings, args) -> int:
 
 
 def cmd_sweep(settings, args) -> int:
-    """Reap what dead runs left behind."""
+    """Reap what dead runs left behind; exit 1 if some of it could not be freed."""
     from .harness.run import make_janitor
 
     report = make_janitor(settings).thorough()
-    print(json.dumps(report.to_dict(), indent=2))
-    return 0
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 1 if report.errors else 0
+    print(f"sweep: {report.summary()}")
+    for holder in report.reaped_apps:
+        print(f"  reaped {holder.app_domain} of dead run {holder.run_id}")
+    for path in report.removed_sandboxes:
+        print(f"  removed the sandbox {path}")
+    for name, items in report.swept.items():
+        for item in items:
+            print(f"  removed {name}: {item}")
+    for info in report.flagged:
+        who = f"run {info.holder.run_id}" if info.holder else "an unknown run"
+        print(f"  possible leak, left alone: {info.app_domain} held by {who}: {info.reason}")
+    for error in report.errors:
+        print(f"  error: {error}")
+    return 1 if report.errors else 0
 
 
 def cmd_image_build(settings, args) -> int:
@@ -207,7 +224,16 @@ def cmd_image_build(settings, args) -> int:
     from .vm.image import build_image
 
     info = build_image(args.name, settings.STATE_DIR, progress=lambda msg: print(msg, file=sys.stderr))
-    print(info)
+    parts = {"kernel": info.kernel, "initramfs": info.initrd, "disk": info.disk}
+    if args.json:
+        data = {"name": info.name, "hash": info.hash, "dir": str(info.dir), "kernel_package": info.kernel_package,
+                "cached": info.cached, **{k: str(v) for k, v in parts.items()}}  # fmt: skip
+        print(json.dumps(data, indent=2))
+        return 0
+    how = "was already built" if info.cached else "built"
+    print(f"image {info.name} {how}: {info.hash[:12]} from {info.kernel_package}, in {info.dir}")
+    for what, path in parts.items():
+        print(f"  {what + ':':<11}{path}")
     return 0
 
 

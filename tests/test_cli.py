@@ -121,12 +121,13 @@ def test_sweep_removes_a_dead_runs_sandbox_and_reports_it(env, tmp_path):
     )  # fmt: skip
     abra_dir = Path(victim.stdout.readline().strip())
     assert abra_dir.is_dir()
-    live = ccci("sweep", env=env)
+    live = ccci("sweep", "--json", env=env)
     assert json.loads(live.stdout)["removed_sandboxes"] == [] and abra_dir.is_dir()  # the owner lives
     victim.kill()
     victim.communicate()
-    swept = json.loads(ccci("sweep", env=env).stdout)
-    assert any("41" in p for p in swept["removed_sandboxes"])
+    swept = ccci("sweep", env=env)  # for people: a summary line, then one line per thing freed
+    assert swept.returncode == 0 and swept.stdout.startswith("sweep: reaped 0 app(s), removed 1 sandbox(es)")
+    assert f"  removed the sandbox {abra_dir}\n" in swept.stdout
     assert not abra_dir.exists()
 
 
@@ -183,10 +184,11 @@ def test_sweep_reaps_a_dead_runs_app_through_its_recipes_teardown_and_leaves_not
 
     swept = ccci("sweep", env={**env, "CCCI_RECIPES_DIR": str(recipes)})
     assert swept.returncode == 0, swept.stderr
+    assert "  reaped reaper.ci.localhost of dead run 77\n" in swept.stdout
     assert (tmp_path / "abra" / "servers" / "reaped").read_text() == "reaper.ci.localhost run 77\n"
     assert not list(lock_dir.iterdir())
     assert not list((tmp_path / "state" / "runs").glob("reap-*"))  # the reaper's own sandbox is gone too
-    again = ccci("sweep", env={**env, "CCCI_RECIPES_DIR": str(recipes)})
+    again = ccci("sweep", "--json", env={**env, "CCCI_RECIPES_DIR": str(recipes)})
     assert json.loads(again.stdout)["reaped_apps"] == []
     assert (tmp_path / "abra" / "servers" / "reaped").read_text().count("\n") == 1  # exactly once
 
@@ -256,3 +258,16 @@ def test_a_broken_ci_yml_says_why_on_the_terminal(env, checkout, tmp_path):
     at = lines.index("  broken/ci.yml, line 3, column 14: not valid YAML: mapping values are not allowed here")
     assert lines[at + 1].strip() == "run: echo: x" and lines[at + 2].strip() == "^"
     assert "(0/0 steps passed)" in done.stderr and "  report: " in done.stderr
+
+
+def test_image_build_says_what_it_built_and_json_on_request(env, tmp_path):
+    from tests.vm.vmhelpers import shared_vm_state
+
+    state = shared_vm_state(tmp_path)  # the tiny image, built once and cached across sessions
+    env = {**env, "CCCI_STATE_DIR": str(state)}
+    done = ccci("image", "build", "tiny", env=env)
+    assert done.returncode == 0, done.stderr
+    assert re.match(r"image tiny was already built: [0-9a-f]{12} from linux-image-\S+, in /", done.stdout)
+    assert "ImageInfo(" not in done.stdout and "  kernel:    /" in done.stdout
+    data = json.loads(ccci("image", "build", "tiny", "--json", env=env).stdout)
+    assert data["name"] == "tiny" and data["cached"] is True and Path(data["kernel"]).is_file()
