@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -246,6 +246,20 @@ class GiteaClient:
 
     def _redact(self, text: str) -> str:
         return text.replace(self._token, "***") if self._token else text
+
+
+def repo_web_url(clone_url: str) -> str:
+    """Return a repository's web page from its HTTP(S) clone URL (Gitea's is the page + ``.git``), or ''.
+
+    ``<page>/pulls/<n>`` is a pull request and ``<page>/commit/<sha>`` a commit on Gitea and
+    Forgejo. Credentials in the URL are dropped: the result goes into comments and pages.
+    """
+    parsed = urlsplit(clone_url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return ""
+    host = parsed.hostname + (f":{parsed.port}" if parsed.port else "")
+    path = parsed.path.rstrip("/").removesuffix(".git")
+    return urlunsplit((parsed.scheme, host, path, "", ""))
 
 
 def _seg(part: str) -> str:

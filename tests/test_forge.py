@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from ccci.errors import ForgeError
-from ccci.forge import Forge, GiteaClient, PullRequest
+from ccci.forge import Forge, GiteaClient, PullRequest, repo_web_url
 from ccci.intake.event import CommentEvent, parse_event
 from tests.fakes import sign
 from tests.fakes.gitea import FakeGitea
@@ -323,3 +323,17 @@ def test_unknown_git_repo_is_404(gitea):
         env={"GIT_TERMINAL_PROMPT": "0", "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode != 0
+
+
+@pytest.mark.parametrize(
+    "clone_url, page",
+    [
+        ("https://git.coopcloud.tech/coop-cloud/hello.git", "https://git.coopcloud.tech/coop-cloud/hello"),
+        ("http://127.0.0.1:3000/o/r.git", "http://127.0.0.1:3000/o/r"),
+        ("https://user:secret@git.example/o/r.git", "https://git.example/o/r"),  # never a credential
+        ("git@git.example:o/r.git", ""),
+        ("", ""),
+    ],
+)
+def test_the_repository_page_comes_from_its_clone_url(clone_url, page):
+    assert repo_web_url(clone_url) == page
