@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from . import __version__
+from . import __version__, logs
 from .config import load_settings
 from .errors import CcciError, ConfigError
 
@@ -23,9 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logs.setup()  # before the settings load, so that what loading says is in the same format
     try:
         settings = load_settings()
+        logs.setup(settings.LOG_LEVEL, settings.LOG_FORMAT)
         return args.handler(settings, args)
     except ConfigError as exc:
         print(f"ccci: configuration error: {exc}", file=sys.stderr)

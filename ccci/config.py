@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .errors import ConfigError
+from .logs import FORMATS, LEVELS
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,10 @@ class Settings:
     SANDBOX_WRITABLE: tuple[str, ...] = field(
         default=(), metadata={"doc": "Host paths steps may write besides their checkout and ABRA_DIR (process sandbox)"}
     )
+    LOG_LEVEL: str = field(
+        default="info", metadata={"doc": "Which log lines are written: debug, info, warning or error"}
+    )
+    LOG_FORMAT: str = field(default="text", metadata={"doc": "Log lines as text, or as one JSON object a line (json)"})
 
     def __post_init__(self) -> None:
         # Settings built in code (tests, replace()) get the same absolute paths as loaded ones.
@@ -188,7 +193,12 @@ def doc(key: str) -> str:
     return _FIELDS[key].metadata["doc"]
 
 
-_CHOICES = {"DISPATCH": ("local", "drone"), "EXECUTOR": ("auto", "qemu", "local")}
+_CHOICES = {
+    "DISPATCH": ("local", "drone"),
+    "EXECUTOR": ("auto", "qemu", "local"),
+    "LOG_LEVEL": LEVELS,
+    "LOG_FORMAT": FORMATS,
+}
 _LOGIN = re.compile(r"^[A-Za-z0-9_.-]+$")
 _WHOLE = re.compile(r"^[+-]?[0-9]+$")
 _DURATION = re.compile(r"^(?:(?P<d>[0-9]+)d)?(?:(?P<h>[0-9]+)h)?(?:(?P<m>[0-9]+)m)?(?:(?P<s>[0-9]+)s)?$")

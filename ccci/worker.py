@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any
 
+from . import logs
 from .config import Settings
 from .dispatch import Dispatcher, Finished
 from .doorbell import Doorbell
@@ -71,7 +72,7 @@ class Worker:
             except Exception:
                 log.exception("recovery sweep failed")
         for run in self.store.list_runs(states=("running",), limit=10_000):
-            log.info("recovering run %s (dispatch ref %s)", run.id, run.dispatch_ref)
+            logs.for_run(log, run.id).info("recovering (dispatch ref %s)", run.dispatch_ref)
             if run.dispatch_ref:
                 self.dispatcher.adopt(run)
             else:  # crashed between marking it running and starting it: it never started
@@ -101,7 +102,7 @@ class Worker:
                 self._admit_one(run)
             except ForgeError as exc:
                 # The forge is down: the run stays unadmitted and is tried again next pass.
-                log.warning("admitting run %s: %s", run.id, exc)
+                logs.for_run(log, run.id).warning("admitting: %s", exc)
 
     def _admit_one(self, run: Run) -> None:
         if not run.authorized:
@@ -112,7 +113,7 @@ class Worker:
                 is_org_member=self.forge.is_org_member,
             )
             if not decision.allowed:
-                log.info("run %s refused: %s", run.id, decision.reason)
+                logs.for_run(log, run.id).info("refused: %s", decision.reason)
                 with self.store.transaction():
                     self.store.update_run(
                         run.id, only_if_state=("queued",), state="refused", note=decision.reason,
@@ -225,15 +226,15 @@ class Worker:
                 try:
                     ref = self.dispatcher.start(run)
                 except TransientInfraError as exc:  # e.g. Drone down: nothing new was started
-                    log.warning("run %s: could not start, will retry: %s", run.id, exc)
+                    logs.for_run(log, run.id).warning("could not start, will retry: %s", exc)
                     self.store.update_run(run.id, only_if_state=("running",), state="queued", started_at=None)
                     break  # don't hit a dispatcher that is down with the rest of the queue this pass
                 except CcciError as exc:  # configuration, a refused parameter, a permanent failure
-                    log.error("run %s: cannot start: %s", run.id, exc)
+                    logs.for_run(log, run.id).error("cannot start: %s", exc)
                     self._end_without_running(run, "error", f"ccci could not start this run: {exc}")
                     continue
                 except Exception:  # a bug: still exactly one final report
-                    log.exception("run %s: starting failed", run.id)
+                    logs.for_run(log, run.id).exception("starting failed")
                     self._end_without_running(run, "error", "ccci failed to start this run (see the worker log)")
                     continue
                 self.store.update_run(run.id, dispatch_ref=ref)
@@ -283,7 +284,7 @@ class Worker:
             try:
                 head_sha = self.forge.get_pull(run.owner, run.repo, run.pr).head_sha
             except ForgeError as exc:
-                log.warning("run %s: could not re-read the PR head: %s", run.id, exc)
+                logs.for_run(log, run.id).warning("could not re-read the PR head: %s", exc)
         with self.store.transaction():
             changes: dict[str, Any] = {"state": status, "report": report, "finished_at": time.time()}
             if note is not None:
@@ -291,7 +292,7 @@ class Worker:
             if not self.store.update_run(run.id, only_if_state=ACTIVE_STATES, **changes):
                 return  # finished already: exactly one final report
             self.reporter.final(self.store.get_run(run.id), report, head_sha)
-        log.info("run %s finished: %s", run.id, status)
+        logs.for_run(log, run.id).info("finished: %s", status)
 
     def _refresh_progress(self) -> None:
         for run_id in self.dispatcher.active():

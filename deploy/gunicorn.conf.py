@@ -51,10 +51,13 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 # Logs to stderr, which systemd's journal collects. The access log names the peer and the real
 # client (the proxy's X-Real-IP), the request, status, size and time taken in milliseconds;
 # headers such as the webhook signature or the admin token are never logged.
+# Lines are in ccci's format (time with zone, pid, level, logger; LOG_FORMAT = "json" for JSON),
+# the same as the worker's, so the journal of both units reads as one log.
 accesslog = "-"
 errorlog = "-"
 loglevel = "info"
 access_log_format = '%(h)s %({x-real-ip}i)s "%(r)s" %(s)s %(B)s %(M)sms "%(a)s"'
+logger_class = "ccci.web.server.GunicornLogger"
 
 # gunicorn's control socket defaults to $HOME/.gunicorn, which the systemd unit makes read-only;
 # systemd names the unit's own runtime directory in $RUNTIME_DIRECTORY.

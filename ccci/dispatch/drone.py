@@ -38,6 +38,7 @@ from urllib.parse import urlparse
 
 import requests
 
+from .. import logs
 from ..config import Settings
 from ..errors import CcciError, ConfigError, PermanentInfraError, TransientInfraError
 from ..names import is_recipe, is_sha
@@ -135,9 +136,9 @@ class DroneDispatcher:
                     f"Drone answered the build trigger with something that is not a build: {data!r:.200}"
                 )
             number = data["number"]
-            log.info("run %s started as Drone build %s (%s)", run.id, number, self.link(number))
+            logs.for_run(log, run.id).info("started as Drone build %s (%s)", number, self.link(number))
         else:
-            log.info("run %s: found its Drone build %s from an earlier attempt", run.id, number)
+            logs.for_run(log, run.id).info("found its Drone build %s from an earlier attempt", number)
         self._watch(run.id, number)
         return str(number)
 
@@ -150,7 +151,7 @@ class DroneDispatcher:
                 self._watches[run.id] = _Watch(run.id, 0)
             return
         self._watch(run.id, int(ref))
-        log.info("run %s: adopted Drone build %s", run.id, ref)
+        logs.for_run(log, run.id).info("adopted Drone build %s", ref)
 
     def active(self) -> set[int]:
         """Return the ids of runs whose Drone build is being watched."""
@@ -167,7 +168,7 @@ class DroneDispatcher:
                 finished = self._poll_one(watch)
             except CcciError as exc:
                 # Drone is down, slow or refusing: the build goes on regardless; look again next poll.
-                log.warning("run %s: polling Drone build %s: %s", watch.run_id, watch.number, exc)
+                logs.for_run(log, watch.run_id).warning("polling Drone build %s: %s", watch.number, exc)
                 continue
             if finished is not None:
                 with self._lock:
@@ -210,10 +211,12 @@ class DroneDispatcher:
         try:
             self._request("DELETE", f"/builds/{watch.number}", what="cancel a build")
         except CcciError as exc:
-            log.warning("run %s: canceling Drone build %s (retried next poll): %s", watch.run_id, watch.number, exc)
+            logs.for_run(log, watch.run_id).warning(
+                "canceling Drone build %s (retried next poll): %s", watch.number, exc
+            )
             return
         watch.cancel_pending = False
-        log.info("run %s: canceled Drone build %s", watch.run_id, watch.number)
+        logs.for_run(log, watch.run_id).info("canceled Drone build %s", watch.number)
 
     def _poll_one(self, watch: _Watch) -> Finished | None:
         if watch.number == 0:

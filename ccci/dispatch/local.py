@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from .. import logs
 from ..config import Settings
 from ..doorbell import Doorbell
 from ..runfiles import RunFiles
@@ -72,7 +73,7 @@ class LocalDispatcher:
         with self._lock:
             self._pids[run.id] = proc.pid
         threading.Thread(target=self._wait_child, args=(run.id, proc), name=f"run-{run.id}", daemon=True).start()
-        log.info("run %s started as pid %s", run.id, proc.pid)
+        logs.for_run(log, run.id).info("started as pid %s", proc.pid)
         return str(proc.pid)
 
     def adopt(self, run: Run) -> None:
@@ -87,7 +88,7 @@ class LocalDispatcher:
                 with self._lock:
                     self._pids[run.id] = pid
                 threading.Thread(target=self._wait_pidfd, args=(run.id, pidfd), daemon=True).start()
-                log.info("run %s: adopted its live harness, pid %s", run.id, pid)
+                logs.for_run(log, run.id).info("adopted its live harness, pid %s", pid)
                 return
         self._collect(run.id, "its harness was gone when the worker restarted")
 

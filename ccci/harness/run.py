@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from .. import logs
 from ..config import Settings
 from ..dispatch import EVENT_PREFIX, REPORT_PREFIX
 from ..errors import CcciError, InfraError, PermanentInfraError, RunInterrupted, SpecError
@@ -96,6 +97,7 @@ def execute(
     there as they come — events and the report as ``::ccci-event``/``::ccci-report`` lines —
     which is how a Drone build's log carries them back to the worker.
     """
+    logs.bind_run(request.run_id)  # this process is this run: every line it logs is about it
     files = RunFiles(settings.runs_dir, request.run_id)
     try:
         guard = install_guard(settings.RUN_TIMEOUT)  # first: from here on, teardown is certain
@@ -197,7 +199,7 @@ def execute(
     except (SpecError, InfraError) as exc:
         report = _stopped_report(request, "error", redact(str(exc)))
     except Exception:
-        log.exception("run %s: ccci failed", request.run_id)
+        log.exception("ccci failed while running this")
         report = _stopped_report(request, "error", "ccci failed while running this (see the harness log)")
     finally:
         guard.begin_teardown()
@@ -320,4 +322,4 @@ def reap_app(settings: Settings, holder: Any) -> None:
             run=holder.run_id,
             recipe=recipe,
         )
-    log.info("reaped %s of dead run %s: %s", holder.app_domain, holder.run_id, report.status)
+    logs.for_run(log, holder.run_id).info("reaped %s of this dead run: %s", holder.app_domain, report.status)

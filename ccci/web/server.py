@@ -18,12 +18,26 @@ import time
 from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger
 
+from .. import logs
 from ..config import Settings
 from . import create_app
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
+# gunicorn's access line without a timestamp of its own: ccci's format puts one in front.
+ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms "%(a)s"'
+
+
+class GunicornLogger(Logger):
+    """gunicorn's logger writing ccci's line format, so its lines and ccci's read alike."""
+
+    def setup(self, cfg) -> None:
+        """Set gunicorn's handlers up as it does, then give them ccci's formatter."""
+        super().setup(cfg)
+        for handler in (*self.error_log.handlers, *self.access_log.handlers):
+            handler.setFormatter(logs.Formatter())
 
 
 class _Gunicorn(BaseApplication):
@@ -127,6 +141,9 @@ def serve(settings: Settings, *, bind: str, workers: int = 2) -> int:
             "timeout": 30,
             "graceful_timeout": 30,
             "accesslog": "-",
+            "access_log_format": ACCESS_LOG_FORMAT,
+            "logger_class": GunicornLogger,
+            "loglevel": settings.LOG_LEVEL,
         }).run()  # fmt: skip
     finally:
         supervisor.stop()

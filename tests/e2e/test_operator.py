@@ -1,0 +1,57 @@
+"""The operator's view of a running ccci: its log lines (and, below, metrics and health)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import requests
+
+LINE = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d \[\d+\] (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+"
+    r"( run=\S+)?: "
+)
+
+
+def run_to_the_end(world, number: int = 7) -> int:
+    """Deliver a !testme on a new PR and wait for its final comment; return the run id."""
+    sha = world.open_pr(number)
+    _, payload = world.comment(number, "!testme")
+    run_id = world.deliver(payload).json()["run"]
+    world.gitea.wait_for(lambda g: "success" in [s["state"] for s in g.statuses.get(sha, [])], timeout=90)
+    world.gitea.wait_for(lambda g: any("passed" in c.body for c in world.ccci_comments(number)), timeout=30)
+    return run_id
+
+
+def test_gunicorn_and_ccci_write_one_format_and_lines_about_a_run_name_it(make_world):
+    world = make_world()
+    run_id = run_to_the_end(world)
+    world.deliver({"repository": {"full_name": "someone/else"}}, secret="not-the-secret", **{"X-Gitea-Delivery": "d-9"})
+    world.ccci.stop()  # every process has flushed and exited
+    lines = [line for line in world.ccci.log_path.read_text().splitlines() if line.strip()]
+    odd = [line for line in lines if not LINE.match(line)]
+    assert not odd, odd[:5]
+    text = "\n".join(lines)
+    assert re.search(r" INFO gunicorn\.error: Listening at: http://127\.0\.0\.1:\d+", text)
+    assert re.search(r' INFO gunicorn\.access: 127\.0\.0\.1 "POST /hooks/forge HTTP/1\.1" 202 ', text)
+    assert re.search(rf" ccci\.web\.hooks run={run_id}: webhook delivery=\S+ event=pull_request_comment "
+                     rf"repo=coop-cloud/hello status=202 result=queued", text)  # fmt: skip
+    assert " ccci.web.hooks: webhook delivery=d-9 event=pull_request_comment repo=someone/else status=401 " in text
+    assert f" ccci.worker run={run_id}: finished: passed" in text
+    assert re.search(rf" ccci\.outbox run={run_id}: outbox \d+ \(run_comment\) delivered", text)
+    # The harness is one run: each of its log lines names it.
+    harness = (world.state_dir / "runs" / str(run_id) / "harness.log").read_text().splitlines()
+    logged = [line for line in harness if LINE.match(line)]
+    assert logged and all(f" run={run_id}: " in line for line in logged), logged[:5]
+
+
+def test_log_format_json_makes_every_line_an_object(make_world):
+    world = make_world(CCCI_LOG_FORMAT="json")
+    requests.get(world.ccci.url + "/runs/1", timeout=10)
+    world.deliver({"repository": {"full_name": "o/r"}}, secret="wrong")
+    world.ccci.stop()
+    objects = [json.loads(line) for line in world.ccci.log_path.read_text().splitlines() if line.strip()]
+    assert all({"time", "pid", "level", "logger", "message"} <= set(o) for o in objects)
+    assert any(o["logger"] == "gunicorn.access" and '"GET /runs/1 HTTP/1.1" 404' in o["message"] for o in objects)
+    [hook] = [o for o in objects if o["logger"] == "ccci.web.hooks"]
+    assert hook["result"] == "unauthorized" and hook["status"] == 401 and hook["repo"] == "o/r"
