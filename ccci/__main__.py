@@ -101,12 +101,18 @@ def cmd_serve(settings, args) -> int:
 def cmd_worker(settings, args) -> int:
     """Run the worker until SIGTERM or SIGINT."""
     from .forge import GiteaClient
+    from .store import Store
     from .worker import Worker
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    worker = Worker(settings, GiteaClient(settings.FORGE_URL, settings.FORGE_TOKEN))
+    store = Store(settings.db_path)
+    # Failed forge requests are counted by kind, for /metrics.
+    forge = GiteaClient(
+        settings.FORGE_URL, settings.FORGE_TOKEN, on_error=lambda kind: store.count("forge_errors", kind)
+    )
+    worker = Worker(settings, forge, store=store)
     worker.serve(stop)
     return 0
 
@@ -167,7 +173,9 @@ def cmd_runs(settings, args) -> int:
         return 0
     runs = Store(settings.db_path).list_runs(states=tuple(args.state) if args.state else None, limit=args.limit)
     if args.json:
-        print(json.dumps([r.to_dict() for r in runs], indent=2))
+        from .web.admin import summary  # the same shape as GET /admin/runs
+
+        print(json.dumps([summary(r) for r in runs], indent=2))
         return 0
     print(f"{'RUN':>5}  {'STATE':<10} {'RECIPE':<20} {'PR':<28} {'SHA':<10} REQUESTER")
     for r in runs:

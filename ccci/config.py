@@ -149,6 +149,20 @@ class Settings:
         default="info", metadata={"doc": "Which log lines are written: debug, info, warning or error"}
     )
     LOG_FORMAT: str = field(default="text", metadata={"doc": "Log lines as text, or as one JSON object a line (json)"})
+    WORKER_STALE_AFTER: int = field(
+        default=300,
+        metadata={
+            "doc": "/healthz is unhealthy when the worker has not completed a pass for this long",
+            "duration": True,
+        },
+    )
+    OUTBOX_STALE_AFTER: int = field(
+        default=1800,
+        metadata={
+            "doc": "/healthz is unhealthy when a forge write has waited this long to be delivered",
+            "duration": True,
+        },
+    )
 
     def __post_init__(self) -> None:
         # Settings built in code (tests, replace()) get the same absolute paths as loaded ones.
@@ -326,7 +340,10 @@ def _validated(s: Settings) -> Settings:
         url = getattr(s, key)
         if url and (urlparse(url).scheme not in ("http", "https") or not urlparse(url).netloc):
             raise ConfigError(key, f"must be an http(s) URL, got {url!r}")
-    for key in ("MAX_RUNS", "RUN_TIMEOUT", "MAX_BODY", "RUNS_PER_HOUR", "LOCK_LEAK_AFTER"):
+    for key in (
+        "MAX_RUNS", "RUN_TIMEOUT", "MAX_BODY", "RUNS_PER_HOUR", "LOCK_LEAK_AFTER", "WORKER_STALE_AFTER",
+        "OUTBOX_STALE_AFTER",
+    ):  # fmt: skip
         if getattr(s, key) < 1:
             raise ConfigError(key, "must be at least 1")
     for path in s.SANDBOX_WRITABLE:

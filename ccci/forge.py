@@ -10,13 +10,16 @@ backoff on connection errors and 502/503/504; POST is retried only when the conn
 not be made at all (urllib3 never retries a POST whose request may have reached the forge),
 because a blindly repeated comment POST makes a second comment — the outbox above handles
 that. Any other failure raises ``ForgeError`` with ``status`` and ``transient`` set (5xx, 429
-and connection errors are transient). The token goes in the ``Authorization`` header only —
+and connection errors are transient), and is told to ``on_error`` by kind (``ERROR_KINDS``), which
+the worker counts in the store for the metrics. The token goes in the ``Authorization`` header only —
 never in a URL, an error message or a log line.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -27,7 +30,11 @@ from urllib3.util.retry import Retry
 
 from .errors import ForgeError
 
+log = logging.getLogger(__name__)
+
 STATUS_STATES = ("pending", "success", "error", "failure", "warning")
+# How a forge request can fail: not reached, too slow, refused (4xx), rate limited, broken (5xx), nonsense.
+ERROR_KINDS = ("unreachable", "timeout", "client_error", "rate_limited", "server_error", "bad_response")
 _SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")  # SHA-1, or SHA-256 object format
 _PAGE = 50
 
@@ -83,10 +90,18 @@ class GiteaClient:
     """The Gitea/Forgejo API v1 client: one ``requests.Session``, timeouts, bounded retries."""
 
     def __init__(
-        self, base_url: str, token: str, *, timeout: float = 10, retries: int = 3, backoff: float = 0.5
+        self,
+        base_url: str,
+        token: str,
+        *,
+        timeout: float = 10,
+        retries: int = 3,
+        backoff: float = 0.5,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.api = base_url.rstrip("/") + "/api/v1"
         self.timeout = timeout
+        self.on_error = on_error
         self._token = token
         self.session = requests.Session()
         self.session.headers.update(
@@ -145,9 +160,9 @@ class GiteaClient:
                 html_url=str(data.get("html_url") or ""),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ForgeError(f"GET pull {owner}/{repo}#{number}: unexpected response ({exc!r})") from None
+            raise self._bad(f"GET pull {owner}/{repo}#{number}: unexpected response ({exc!r})") from None
         if not _SHA.match(pull.head_sha):
-            raise ForgeError(f"GET pull {owner}/{repo}#{number}: head sha {pull.head_sha[:80]!r} is not a sha")
+            raise self._bad(f"GET pull {owner}/{repo}#{number}: head sha {pull.head_sha[:80]!r} is not a sha")
         return pull
 
     def is_org_member(self, org: str, login: str) -> bool:
@@ -172,7 +187,7 @@ class GiteaClient:
             if not isinstance(batch, list) or not all(
                 isinstance(c, dict) and isinstance(c.get("id"), int) and isinstance(c.get("body"), str) for c in batch
             ):
-                raise ForgeError(f"GET {path}: unexpected response")
+                raise self._bad(f"GET {path}: unexpected response")
             comments.extend(batch)
             # The server may cap limit lower than asked (MAX_RESPONSE_ITEMS): stop on an empty page.
             if not batch or page >= 1000:
@@ -185,7 +200,7 @@ class GiteaClient:
         data = self._json("POST", path, json={"body": body})
         comment_id = data.get("id") if isinstance(data, dict) else None
         if not isinstance(comment_id, int):
-            raise ForgeError(f"POST {path}: the answer has no comment id")
+            raise self._bad(f"POST {path}: the answer has no comment id")
         return comment_id
 
     def edit_comment(self, owner: str, repo: str, comment_id: int, body: str) -> None:
@@ -217,7 +232,7 @@ class GiteaClient:
         try:
             return response.json()
         except ValueError:
-            raise ForgeError(f"{method} {path}: HTTP {response.status_code} without a JSON body") from None
+            raise self._bad(f"{method} {path}: HTTP {response.status_code} without a JSON body") from None
 
     def _request(self, method: str, path: str, *, check: bool = False, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("allow_redirects", False)
@@ -227,6 +242,7 @@ class GiteaClient:
             # The chained exception is dropped (from None): nothing of the request's headers may
             # travel further than this line.
             message = self._redact(f"{method} {path}: forge unreachable ({type(exc).__name__}: {exc})")
+            self._count("timeout" if isinstance(exc, requests.Timeout) else "unreachable")
             raise ForgeError(message[:500], None, True) from None
         if check and not 200 <= response.status_code < 300:
             raise self._error(method, path, response)
@@ -242,7 +258,21 @@ class GiteaClient:
         except ValueError:
             pass
         message = self._redact(f"{method} {path}: HTTP {status}{detail}")[:500]
+        self._count("server_error" if status >= 500 else "rate_limited" if status == 429 else "client_error")
         return ForgeError(message, status, transient=status >= 500 or status == 429)
+
+    def _bad(self, message: str) -> ForgeError:
+        """Return the error for an answer that makes no sense (a proxy's page, a changed API)."""
+        self._count("bad_response")
+        return ForgeError(message)
+
+    def _count(self, kind: str) -> None:
+        if self.on_error is None:
+            return
+        try:
+            self.on_error(kind)
+        except Exception:  # counting is for the metrics: it must never replace the forge's error
+            log.exception("counting a forge error (%s) failed", kind)
 
     def _redact(self, text: str) -> str:
         return text.replace(self._token, "***") if self._token else text

@@ -58,6 +58,7 @@ class Worker:
             self.recover()
             while not stop.is_set():
                 wait = self.run_pass()
+                self.store.beat("worker")  # /healthz: the worker completes passes
                 self.doorbell.wait(wait)
         finally:
             self.doorbell.close()

@@ -9,6 +9,7 @@ and give them settings that load.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import shlex
@@ -24,6 +25,7 @@ import pytest
 import yaml
 
 from ccci.config import Settings, load_settings
+from ccci.store import Store
 from tests.support import ROOT, free_port, stop, wait_for_port
 
 DEPLOY = ROOT / "deploy"
@@ -261,9 +263,13 @@ def body_too_large(port: int, size: int) -> tuple[int, dict[str, str]]:
 
 @needs_nginx
 @needs_openssl
-def test_nginx_exposes_public_paths_and_restricts_admin(proxy):
+def test_nginx_exposes_public_paths_and_restricts_admin(proxy, tmp_path):
     status, headers, body = request(proxy, "GET", "/healthz")
-    assert (status, body) == (200, b'{"ok":true}\n'), body
+    # Only gunicorn runs here, no worker: health says so, through the proxy.
+    assert status == 503 and b"never completed a pass" in body, body
+    Store(tmp_path / "state" / "ccci.db").beat("worker")
+    status, headers, body = request(proxy, "GET", "/healthz")
+    assert status == 200 and json.loads(body)["ok"] is True, body
     status, _, body = request(proxy, "POST", "/hooks/forge", body=b"{}", headers={"Content-Type": "application/json"})
     assert status == 401, body  # gunicorn answered: no signature
     status, _, _ = request(proxy, "GET", "/runs/1")
@@ -273,7 +279,7 @@ def test_nginx_exposes_public_paths_and_restricts_admin(proxy):
     assert request(proxy, "GET", "/hooks/forge")[0] == 403
     # Metrics and the admin API answer the allow list (127.0.0.1) and nobody else (127.0.0.2).
     status, _, body = request(proxy, "GET", "/metrics")
-    assert status == 200 and b"ccci_runs" in body
+    assert status == 200 and b"ccci_runs_finished_total" in body
     assert request(proxy, "GET", "/metrics", source="127.0.0.2")[0] == 403
     assert request(proxy, "GET", "/admin/runs")[0] == 401  # ccci wants its token too
     assert request(proxy, "GET", "/admin/runs", source="127.0.0.2")[0] == 403

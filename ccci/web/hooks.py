@@ -36,8 +36,9 @@ def forge_hook():
 
 
 def _decided(status: int, answer: dict[str, Any], body: bytes = b"") -> None:
-    """Log the decision about this delivery."""
+    """Log the decision about this delivery, and count it by result for /metrics."""
     result = answer.get("result") or _RESULT_OF_STATUS.get(status, str(status))
+    services().store.count("webhook_deliveries", result)
     reason = answer.get("reason") or answer.get("error") or answer.get("authorization") or ""
     log.info(
         "webhook",

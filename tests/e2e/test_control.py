@@ -85,7 +85,9 @@ def final_comment(world, number: int, word: str):
 def settled(world) -> None:
     """Wait until ccci has delivered everything it meant to say to the forge."""
     metrics = world.ccci.url + "/metrics"
-    wait_until(lambda: "ccci_outbox_backlog 0\n" in requests.get(metrics, timeout=10).text, what="the outbox to drain")
+    wait_until(
+        lambda: "ccci_outbox_backlog 0.0\n" in requests.get(metrics, timeout=10).text, what="the outbox to drain"
+    )
 
 
 def start_slow_run(world, number: int, user: str = "alice") -> tuple[int, str]:
@@ -297,7 +299,9 @@ def test_admin_runs_filters(slow_world):
     bad = world.admin("GET", "/admin/runs", params={"state": "exploded"})
     assert bad.status_code == 400 and "exploded" in bad.json()["error"]
     assert requests.get(world.ccci.url + "/admin/runs", timeout=10).status_code == 401
-    assert 'ccci_runs{state="passed"} 2' in requests.get(world.ccci.url + "/metrics", timeout=10).text
+    assert (
+        'ccci_runs_finished_total{outcome="passed"} 2.0' in requests.get(world.ccci.url + "/metrics", timeout=10).text
+    )
 
 
 def test_a_run_that_waits_too_long_for_its_app_says_what_to_do(slow_world):

@@ -1,16 +1,27 @@
-"""The operator's view of a running ccci: its log lines (and, below, metrics and health)."""
+"""The operator's view of a running ccci: its log lines, its metrics, its health, the admin list."""
 
 from __future__ import annotations
 
 import json
 import re
+import time
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 LINE = re.compile(
     r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d \[\d+\] (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+"
     r"( run=\S+)?: "
 )
+
+
+def wait_until(probe, timeout: float = 30.0):
+    """Poll ``probe`` until it returns something: the outbox is marked delivered in another process."""
+    deadline = time.monotonic() + timeout
+    while not (value := probe()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)  # state in another process's database: no event to wait on from here
+    return value
 
 
 def run_to_the_end(world, number: int = 7) -> int:
@@ -55,3 +66,25 @@ def test_log_format_json_makes_every_line_an_object(make_world):
     assert any(o["logger"] == "gunicorn.access" and '"GET /runs/1 HTTP/1.1" 404' in o["message"] for o in objects)
     [hook] = [o for o in objects if o["logger"] == "ccci.web.hooks"]
     assert hook["result"] == "unauthorized" and hook["status"] == 401 and hook["repo"] == "o/r"
+
+
+def test_metrics_and_health_of_a_serving_ccci(make_world):
+    world = make_world()
+    health = requests.get(world.ccci.url + "/healthz", timeout=10)
+    assert health.status_code == 200 and health.json()["checks"]["worker"] == "ok"  # serve runs the worker
+    run_id = run_to_the_end(world)
+
+    def delivered() -> str | None:
+        text = requests.get(world.ccci.url + "/metrics", timeout=10).text
+        return text if "ccci_outbox_backlog 0.0" in text else None
+
+    text = wait_until(delivered)
+    m = {(s.name, tuple(sorted(s.labels.items()))): s.value
+         for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+    assert m[("ccci_runs_finished_total", (("outcome", "passed"),))] == 1
+    assert m[("ccci_run_duration_seconds_count", ())] == 1 and m[("ccci_run_duration_seconds_sum", ())] > 0
+    assert m[("ccci_run_queue_wait_seconds_count", ())] == 1
+    assert m[("ccci_webhook_deliveries_total", (("result", "queued"),))] == 1
+    assert m[("ccci_worker_last_pass_timestamp_seconds", ())] > 0
+    [run] = world.admin("GET", "/admin/runs").json()["runs"]
+    assert run["id"] == run_id and run["admitted"] is True and run["finished_at"].endswith("+00:00")
