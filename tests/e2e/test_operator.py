@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
 import time
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+
+from ccci.store import Store
+from tests.support import ROOT
 
 LINE = re.compile(
     r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d \[\d+\] (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+"
@@ -44,6 +51,9 @@ def test_gunicorn_and_ccci_write_one_format_and_lines_about_a_run_name_it(make_w
     assert not odd, odd[:5]
     text = "\n".join(lines)
     assert re.search(r" INFO gunicorn\.error: Listening at: http://127\.0\.0\.1:\d+", text)
+    # The worker starts only once gunicorn listens; gunicorn's control socket is this STATE_DIR's.
+    assert text.index("gunicorn.error: Listening at:") < text.index("ccci.web.server: worker started as pid")
+    assert f"gunicorn.error: Control socket listening at {world.state_dir}/gunicorn.ctl" in text
     assert re.search(r' INFO gunicorn\.access: 127\.0\.0\.1 "POST /hooks/forge HTTP/1\.1" 202 ', text)
     assert re.search(rf" ccci\.web\.hooks run={run_id}: webhook delivery=\S+ event=pull_request_comment "
                      rf"repo=coop-cloud/hello status=202 result=queued", text)  # fmt: skip
@@ -88,3 +98,18 @@ def test_metrics_and_health_of_a_serving_ccci(make_world):
     assert m[("ccci_worker_last_pass_timestamp_seconds", ())] > 0
     [run] = world.admin("GET", "/admin/runs").json()["runs"]
     assert run["id"] == run_id and run["admitted"] is True and run["finished_at"].endswith("+00:00")
+
+
+def test_serve_on_a_taken_port_fails_in_a_sentence_and_starts_no_worker(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CCCI_")}
+    env.update(PYTHONPATH=str(ROOT), CCCI_STATE_DIR=str(tmp_path / "state"), CCCI_LOCK_DIR=str(tmp_path / "locks"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "ccci", "serve", "--bind", f"127.0.0.1:{port}"], env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 1
+    assert f"ccci: serve: 127.0.0.1:{port} is already in use" in done.stderr and "--bind" in done.stderr
+    assert "worker started" not in done.stderr and "Traceback" not in done.stderr
+    assert Store(tmp_path / "state" / "ccci.db").heartbeat("worker") is None  # no worker, no sweep
