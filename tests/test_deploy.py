@@ -344,3 +344,29 @@ def test_drone_runner_gives_builds_settings_that_do_not_depend_on_home():
         assert getattr(settings, key) == Path(builds["CCCI_" + key]) and getattr(settings, key).is_absolute()
     assert Path(builds["ABRA_DIR"]).is_absolute() and Path(builds["DOCKER_CONFIG"]).is_absolute()
     assert builds["DOCKER_HOST"].startswith(("unix://", "tcp://", "ssh://"))
+
+
+def test_recipe_ci_runs_the_hosts_installed_ccci_and_installs_nothing():
+    pipelines = {doc["name"]: doc for doc in yaml.safe_load_all((ROOT / ".drone.yml").read_text()) if doc}
+    recipe_ci = pipelines["recipe-ci"]
+    assert recipe_ci["clone"] == {"disable": True}  # the code is the host's, not the build's
+    [step] = recipe_ci["steps"]
+    [command] = step["commands"]
+    worker = shlex.split(read_unit("ccci-worker.service")["Service"]["ExecStart"][0])
+    assert command.startswith(f"{Path(worker[0]).parent}/ccci run ")  # the same install as the units'
+    assert not any(setup in command for setup in ("scripts/install", "pip ", "-m venv", "&&", ";"))
+
+
+def test_a_production_install_leaves_the_test_tools_out():
+    def listed(*args: str) -> dict[str, list[str]]:
+        out = subprocess.run([ROOT / "scripts" / "install", "--list", *args], capture_output=True, text=True,
+                             check=True, cwd="/", timeout=60).stdout  # fmt: skip
+        return {k: v.split() for k, v in (line.split(": ", 1) for line in out.splitlines())}
+
+    run, test = listed(), listed("--test")
+    test_only = {"chromium", "nginx", "openssl"}
+    assert not test_only & set(run["debian"]) and test_only <= set(test["debian"])
+    assert {"qemu-system-x86", "bubblewrap", "git"} <= set(run["debian"])
+    runtime = (ROOT / run["python"][0]).read_text()
+    assert "pytest" not in runtime and "ruff" not in runtime and "gunicorn==" in runtime
+    assert "-r requirements.txt" in (ROOT / test["python"][0]).read_text()
