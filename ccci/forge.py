@@ -3,7 +3,7 @@
 ``Forge`` is the Protocol the rest of ccci codes against (Prow's plugins declare only the
 client methods they use); ``GiteaClient`` is the real thing on ``requests.Session``, and
 ``tests/fakes/gitea.py`` serves the same API over real HTTP for tests. Endpoints, shapes and
-status codes follow protocols.md §2.
+status codes follow docs/protocols.md §2.
 
 Every request carries a timeout. Idempotent methods (GET, PATCH, PUT, DELETE) are retried with
 backoff on connection errors and 502/503/504; POST is retried only when the connection could
@@ -167,7 +167,7 @@ class GiteaClient:
 
     def is_org_member(self, org: str, login: str) -> bool:
         """Return True only on 204; 404 and any redirect mean no; other answers raise ForgeError."""
-        # A caller outside the org is redirected to public_members (protocols.md §2);
+        # A caller outside the org is redirected to public_members (docs/protocols.md §2);
         # following it would turn "I may not know" into "yes", so never follow.
         path = f"/orgs/{_seg(org)}/members/{_seg(login)}"
         response = self._request("GET", path, allow_redirects=False)

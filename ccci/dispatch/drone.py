@@ -12,7 +12,7 @@ lines become the run's progress events, the last ``::ccci-report`` line is its r
 other line is appended to the run's local log — so the run page reads a Drone run from the same
 ``RunFiles`` as a local one. How far the log has been read is kept in the run's directory, so a
 restarted worker that adopts the build neither loses nor repeats lines. Shapes follow
-protocols.md §3.
+docs/protocols.md §3.
 
 Errors from ``start`` (``errors.py`` tree; nothing is sent unless every parameter is valid):
 
