@@ -113,3 +113,20 @@ def test_serve_on_a_taken_port_fails_in_a_sentence_and_starts_no_worker(tmp_path
     assert f"ccci: serve: 127.0.0.1:{port} is already in use" in done.stderr and "--bind" in done.stderr
     assert "worker started" not in done.stderr and "Traceback" not in done.stderr
     assert Store(tmp_path / "state" / "ccci.db").heartbeat("worker") is None  # no worker, no sweep
+
+
+def test_serve_started_elsewhere_with_a_relative_state_dir_keeps_one_state(make_world, tmp_path):
+    # A relative STATE_DIR is resolved once, where serve starts: the worker and each harness get
+    # the absolute path, so the report lands where the worker looks (it used to say "interrupted").
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    world = make_world()
+    world.ccci.stop()
+    world.ccci.env = {**world.env, "CCCI_STATE_DIR": "state"}
+    world.ccci.cwd = elsewhere
+    world.ccci.start()
+    run_id = run_to_the_end(world, 8)
+    [comment] = world.ccci_comments(8)
+    assert "passed" in comment.body and "interrupted" not in comment.body
+    assert (elsewhere / "state" / "runs" / str(run_id) / "report.json").is_file()
+    assert not (ROOT / "state").exists() and not (ROOT / "var").exists()
