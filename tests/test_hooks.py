@@ -197,3 +197,15 @@ def test_a_body_over_the_limit_is_logged_too(app_factory, caplog):
     client.post("/hooks/forge", data=b"x" * 4096, headers={"X-Gitea-Delivery": "d-1"})
     [line] = decisions(caplog)
     assert line.fields["status"] == 413 and line.fields["result"] == "too_large" and line.fields["delivery"] == "d-1"
+
+
+def test_a_delivery_is_answered_even_when_counting_it_fails(client, monkeypatch, caplog):
+    import sqlite3
+
+    def locked(*_args, **_kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store_of(client), "count", locked)
+    headers, body = as_alice("gitea_pr_comment_created", comment__body="!testme")
+    assert post(client, headers, body).status_code == 202
+    assert "counting a webhook delivery (queued) failed" in caplog.text

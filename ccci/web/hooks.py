@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from typing import Any
 
 from flask import Blueprint, Flask, jsonify, request
@@ -38,7 +39,10 @@ def forge_hook():
 def _decided(status: int, answer: dict[str, Any], body: bytes = b"") -> None:
     """Log the decision about this delivery, and count it by result for /metrics."""
     result = answer.get("result") or _RESULT_OF_STATUS.get(status, str(status))
-    services().store.count("webhook_deliveries", result)
+    try:
+        services().store.count("webhook_deliveries", result)
+    except sqlite3.Error:  # a metric must never change what the forge is answered
+        log.exception("counting a webhook delivery (%s) failed", result)
     reason = answer.get("reason") or answer.get("error") or answer.get("authorization") or ""
     log.info(
         "webhook",
