@@ -108,9 +108,8 @@ class StreamBuffer:
             if len(self._tail) > tail_keep:
                 self._dropped += len(self._tail) - tail_keep
                 del self._tail[: len(self._tail) - tail_keep]
-            head = self._head.decode("utf-8", "replace")
-            if not self._dropped:
-                return redact(head + self._tail.decode("utf-8", "replace"))
-            head = redact.strip_partial(redact(head), at_end=True)
+            if not self._dropped:  # nothing cut: one text, so a character split between head and tail stays whole
+                return redact((self._head + self._tail).decode("utf-8", "replace"))
+            head = redact.strip_partial(redact(self._head.decode("utf-8", "replace")), at_end=True)
             tail = redact.strip_partial(redact(self._tail.decode("utf-8", "replace")), at_end=False)
             return head + cut_marker(self._dropped) + tail
