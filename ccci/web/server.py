@@ -34,6 +34,13 @@ PR_SET_PDEATHSIG = 1
 # gunicorn's access line without a timestamp of its own: ccci's format puts one in front.
 ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms "%(a)s"'
 
+# gunicorn forks its web workers from the main thread while the supervisor's thread may be inside
+# Popen. A web worker forked then inherits Popen's error pipe and holds it open, and Popen waits
+# for that web worker to exit before it returns (the worker seen dead is not restarted for as long).
+# So forks and spawns take turns: every os.fork() of this process waits for a spawn in progress.
+_SPAWNING = threading.RLock()  # reentrant: Popen's own fork (for preexec_fn) runs the same hooks
+os.register_at_fork(before=_SPAWNING.acquire, after_in_parent=_SPAWNING.release, after_in_child=_SPAWNING.release)
+
 
 class GunicornLogger(Logger):
     """gunicorn's logger writing ccci's line format, so its lines and ccci's read alike."""
@@ -92,9 +99,10 @@ class WorkerSupervisor:
         pause = 1.0
         while not self._stopping.is_set():
             started = time.monotonic()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ccci", "worker"], env=self.env, preexec_fn=_die_with_parent
-            )
+            with _SPAWNING:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "ccci", "worker"], env=self.env, preexec_fn=_die_with_parent
+                )
             log.info("worker started as pid %s", self.proc.pid)
             while self.proc.poll() is None and not self._stopping.wait(0.5):
                 pass  # gunicorn's arbiter reaps children too, so poll rather than block in wait()
