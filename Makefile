@@ -5,8 +5,8 @@ PY := .venv/bin/python
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-install: ## install system packages and the virtualenv
-	./scripts/install
+install: ## install system packages and the virtualenv, with the test tools
+	./scripts/install --test
 
 serve: install ## run ccci (web + worker) on 127.0.0.1:8080
 	$(PY) -m ccci serve

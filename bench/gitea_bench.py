@@ -179,7 +179,7 @@ def main() -> int:
 def _settle(side: Side) -> None:
     """Wait until the run's ccci has said everything (its outbox is empty)."""
     deadline = time.monotonic() + 60
-    while "ccci_outbox_backlog 0\n" not in http.get(side.ccci.url + "/metrics", timeout=10).text:
+    while "ccci_outbox_backlog 0.0\n" not in http.get(side.ccci.url + "/metrics", timeout=10).text:
         if time.monotonic() > deadline:
             raise TimeoutError(f"ccci ({side.name}) did not empty its outbox")
         side.forge.wait_next(0.1)  # ccci's writes are the events

@@ -1,6 +1,9 @@
 """Benchmark the QEMU executor: cold boot vs fork, fan-out, memory per fork, agent round trip.
 
-    .venv/bin/python bench/vm_bench.py [--state-dir DIR] [--out bench/results/vm.md]
+    .venv/bin/python bench/vm_bench.py [--state-dir DIR] [--out bench/results/vm.md] [--quick]
+
+``--quick`` measures each figure once or twice (a smoke run: tests keep the benchmark runnable
+with it); the results file says so, and its ratios are then only indicative.
 
 Every figure comes from this one run on this host, and the ratios are computed from them:
 fork-to-first-output against cold-boot-to-first-output (target: at most 1/10), and the private
@@ -28,7 +31,8 @@ from ccci.vm.image import build_image
 from ccci.vm.instance import Layout, Vm
 from ccci.vm.qemu import QemuExecutor, QemuMachine
 
-REPEAT = 5
+FULL = {"cold": 3, "forks": 5, "fans": (1, 4, 8), "live": 8, "round_trips": 50}
+QUICK = {"cold": 1, "forks": 2, "fans": (1, 2), "live": 2, "round_trips": 5}
 
 
 def first_output(machine: QemuMachine, started: float) -> float:
@@ -122,7 +126,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", type=Path, default=Path.home() / ".cache" / "ccci-test-vm")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "vm.md")
+    parser.add_argument("--quick", action="store_true", help="measure each figure once or twice (a smoke run)")
     args = parser.parse_args()
+    n = QUICK if args.quick else FULL
     build_image("tiny", args.state_dir, progress=lambda _m: None)
     executor = QemuExecutor(args.state_dir)
     base = executor.warm_base()
@@ -130,42 +136,43 @@ def main() -> int:
     print(f"accel: {executor.accel.name} ({executor.accel.reason})", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="ccci-bench-") as scratch:
-        cold = [cold_boot(executor, Path(scratch)) for _ in range(3)]
+        cold = [cold_boot(executor, Path(scratch)) for _ in range(n["cold"])]
     print(f"cold boot to first output: {[round(c, 3) for c in cold]}", flush=True)
     fork_to_output(executor)  # one unmeasured fork: page cache of the base files
-    forks = [fork_to_output(executor) for _ in range(REPEAT)]
+    forks = [fork_to_output(executor) for _ in range(n["forks"])]
     print(f"fork to first output: {[round(f, 3) for f in forks]}", flush=True)
-    fans = {n: fan_out(executor, n) for n in (1, 4, 8)}
-    for n, (wall, each) in fans.items():
-        print(f"{n} concurrent: wall {wall:.3f}s, per fork median {statistics.median(each):.3f}s", flush=True)
-    mem = fork_memory(executor, 8)
-    print(f"memory of 8 live forks (KiB): {mem}", flush=True)
-    rt_exec, rt_ping = round_trips(executor)
+    fans = {k: fan_out(executor, k) for k in n["fans"]}
+    for k, (wall, each) in fans.items():
+        print(f"{k} concurrent: wall {wall:.3f}s, per fork median {statistics.median(each):.3f}s", flush=True)
+    mem = fork_memory(executor, n["live"])
+    print(f"memory of {n['live']} live forks (KiB): {mem}", flush=True)
+    rt_exec, rt_ping = round_trips(executor, n["round_trips"])
     print(f"round trip: exec true {rt_exec * 1000:.1f} ms, ping {rt_ping * 1000:.2f} ms", flush=True)
 
     cold_m, fork_m = statistics.median(cold), statistics.median(forks)
     private = statistics.median(m["Private"] for m in mem)
     pss = statistics.median(m["Pss"] for m in mem)
     rows = [
-        ("Cold boot → first output (median of 3)", f"{cold_m * 1000:.0f} ms", ""),
-        ("Fork → first output (median of 5)", f"{fork_m * 1000:.0f} ms",
+        (f"Cold boot → first output (median of {n['cold']})", f"{cold_m * 1000:.0f} ms", ""),
+        (f"Fork → first output (median of {n['forks']})", f"{fork_m * 1000:.0f} ms",
          f"{fork_m / cold_m:.3f} of cold boot (target ≤ 0.100): {'met' if fork_m <= cold_m / 10 else 'MISSED'}"),
-        *[(f"{n} concurrent forks → all answered", f"{wall * 1000:.0f} ms",
-           f"per fork median {statistics.median(each) * 1000:.0f} ms") for n, (wall, each) in fans.items()],
-        ("Private memory per fork (8 live, median)", f"{private / 1024:.1f} MiB",
+        *[(f"{k} concurrent forks → all answered", f"{wall * 1000:.0f} ms",
+           f"per fork median {statistics.median(each) * 1000:.0f} ms") for k, (wall, each) in fans.items()],
+        (f"Private memory per fork ({n['live']} live, median)", f"{private / 1024:.1f} MiB",
          f"{private / ram_kib:.3f} of {ram_kib // 1024} MiB guest RAM (target ≤ 0.125): "
          f"{'met' if private <= ram_kib / 8 else 'MISSED'}"),
-        ("PSS per fork (8 live, median)", f"{pss / 1024:.1f} MiB", "includes QEMU and TCG code cache"),
-        ("Agent round trip, `true` through exec (median of 50)", f"{rt_exec * 1000:.1f} ms",
+        (f"PSS per fork ({n['live']} live, median)", f"{pss / 1024:.1f} MiB", "includes QEMU and TCG code cache"),
+        (f"Agent round trip, `true` through exec (median of {n['round_trips']})", f"{rt_exec * 1000:.1f} ms",
          "probe's shell agent: 61–85 ms"),
-        ("Agent round trip, ping (median of 50)", f"{rt_ping * 1000:.2f} ms", ""),
+        (f"Agent round trip, ping (median of {n['round_trips']})", f"{rt_ping * 1000:.2f} ms", ""),
     ]  # fmt: skip
     host = f"{platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()}"
     lines = [
         "# QEMU executor benchmark",
         "",
         f"Measured by `bench/vm_bench.py` in one run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-        f" ({host}); accelerator **{executor.accel.name}** — {executor.accel.reason}.",
+        f" ({host}); accelerator **{executor.accel.name}** — {executor.accel.reason}."
+        + (" A quick smoke run (`--quick`): one or two samples each, ratios only indicative." if args.quick else ""),
         f"Guest: image `tiny` {base.layout.image.hash[:12]}, {base.layout.memory_mb} MiB RAM, 1 vCPU.",
         "",
         "| What | Result | Ratio / note |",
@@ -173,7 +180,7 @@ def main() -> int:
         *[f"| {a} | {b} | {c} |" for a, b, c in rows],
         "",
         "Raw: cold " + ", ".join(f"{c:.3f}" for c in cold) + " s; forks "
-        + ", ".join(f"{f:.3f}" for f in forks) + " s; memory of 8 forks (KiB) "
+        + ", ".join(f"{f:.3f}" for f in forks) + f" s; memory of {n['live']} forks (KiB) "
         + "; ".join(f"Rss {m['Rss']} Pss {m['Pss']} Private {m['Private']}" for m in mem) + ".",
         "",
         "Cold boot starts a QEMU on the image with no snapshot and waits for the first output of",

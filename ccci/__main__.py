@@ -1,16 +1,16 @@
-"""The command line: ``python -m ccci <command>``; ``python -m ccci --help`` lists them."""
+"""The command line: ``ccci <command>`` (or ``python -m ccci <command>``); ``ccci --help`` lists them."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
+from . import __version__, logs
 from .config import load_settings
 from .errors import CcciError, ConfigError
 
@@ -22,9 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logs.setup()  # before the settings load, so that what loading says is in the same format
     try:
         settings = load_settings()
+        logs.setup(settings.LOG_LEVEL, settings.LOG_FORMAT)
         return args.handler(settings, args)
     except ConfigError as exc:
         print(f"ccci: configuration error: {exc}", file=sys.stderr)
@@ -34,8 +35,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _prog() -> str:
+    """Return how ccci was called, for usage lines: ``ccci`` as a command, ``python -m ccci`` as a module."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return "python -m ccci" if name in ("", "__main__.py", "-c") else name
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ccci", description="Comment-triggered CI for Co-op Cloud recipes.")
+    parser = argparse.ArgumentParser(prog=_prog(), description="Comment-triggered CI for Co-op Cloud recipes.")
+    parser.add_argument("--version", action="version", version=f"ccci {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
 
     p = sub.add_parser("serve", help="run the web app (gunicorn) and the local worker together")
@@ -74,12 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_cancel)
 
     p = sub.add_parser("sweep", help="reap leaked VM forks, app locks and sandboxes of dead owners")
+    p.add_argument("--json", action="store_true", help="print what was done as JSON")
     p.set_defaults(handler=cmd_sweep)
 
     p = sub.add_parser("image", help="guest images for the QEMU executor")
     image_sub = p.add_subparsers(dest="image_command", metavar="<image-command>", required=True)
     b = image_sub.add_parser("build", help="build (or find in the cache) a guest image")
     b.add_argument("name", help="image name, e.g. tiny")
+    b.add_argument("--json", action="store_true", help="print the built image as JSON")
     b.set_defaults(handler=cmd_image_build)
     return parser
 
@@ -94,10 +104,16 @@ def cmd_serve(settings, args) -> int:
 def cmd_worker(settings, args) -> int:
     """Run the worker until SIGTERM or SIGINT."""
     from .forge import GiteaClient
+    from .store import Store
     from .worker import Worker
 
     stop = threading.Event()
-    worker = Worker(settings, GiteaClient(settings.FORGE_URL, settings.FORGE_TOKEN))
+    store = Store(settings.db_path)
+    # Failed forge requests are counted by kind, for /metrics.
+    forge = GiteaClient(
+        settings.FORGE_URL, settings.FORGE_TOKEN, on_error=lambda kind: store.count("forge_errors", kind)
+    )
+    worker = Worker(settings, forge, store=store)
 
     def on_signal(*_: object) -> None:
         stop.set()
@@ -134,6 +150,8 @@ def cmd_test(settings, args) -> int:
     """Run a recipe's CI on a local checkout and print the report."""
     from .harness.run import RunRequest, execute
     from .pipeline.progress import TerminalProgress
+    from .pipeline.report import Report
+    from .runfiles import RunFiles
 
     recipe_arg = Path(args.recipe)
     if recipe_arg.is_dir() and (recipe_arg / "ci.yml").is_file():
@@ -143,16 +161,19 @@ def cmd_test(settings, args) -> int:
     source = Path(args.source).resolve()
     if not source.is_dir():
         raise CcciError(f"test: --source {source} is not a directory")
+    if source in (Path("/"), Path.home().resolve()):
+        # The checkout is copied: copying / or a whole home directory is never what was meant.
+        raise CcciError(
+            f"test: refusing to copy {source} as the recipe checkout; run it in the checkout or pass --source DIR"
+        )
     request = RunRequest.checked(run_id=f"local-{os.getpid()}", recipe=recipe, source=source, ci_file=ci_file)
     printer = TerminalProgress(sys.stderr)
     report, code = execute(settings, request, on_event=printer)
     assert report is not None  # only a gated harness ends without one
+    files = RunFiles(settings.runs_dir, request.run_id)
+    printer.summary(Report.from_dict(report), log=files.log, report_file=files.report)
     if args.json:
         print(json.dumps(report, indent=2))
-    else:
-        from .pipeline.report import Report
-
-        printer.summary(Report.from_dict(report))
     return code
 
 
@@ -160,9 +181,17 @@ def cmd_runs(settings, args) -> int:
     """List recent runs."""
     from .store import Store
 
+    if not settings.db_path.exists():
+        # Say where we looked instead of creating an empty database there.
+        print(f"no runs yet: there is no database at {settings.db_path} (STATE_DIR)", file=sys.stderr)
+        if args.json:
+            print("[]")
+        return 0
     runs = Store(settings.db_path).list_runs(states=tuple(args.state) if args.state else None, limit=args.limit)
     if args.json:
-        print(json.dumps([r.to_dict() for r in runs], indent=2))
+        from .web.admin import summary  # the same shape as GET /admin/runs
+
+        print(json.dumps([summary(r) for r in runs], indent=2))
         return 0
     print(f"{'RUN':>5}  {'STATE':<10} {'RECIPE':<20} {'PR':<28} {'SHA':<10} REQUESTER")
     for r in runs:
@@ -176,6 +205,8 @@ def cmd_cancel(settings, args) -> int:
     from .doorbell import Doorbell
     from .store import Store
 
+    if not settings.db_path.exists():
+        raise CcciError(f"cancel: no run {args.run_id}: there is no database at {settings.db_path} (STATE_DIR)")
     store = Store(settings.db_path)
     run = store.get_run(args.run_id)
     if run is None or run.state == "refused":
@@ -189,12 +220,27 @@ def cmd_cancel(settings, args) -> int:
 
 
 def cmd_sweep(settings, args) -> int:
-    """Reap what dead runs left behind."""
+    """Reap what dead runs left behind; exit 1 if some of it could not be freed."""
     from .harness.run import make_janitor
 
     report = make_janitor(settings).thorough()
-    print(json.dumps(report.to_dict(), indent=2))
-    return 0
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 1 if report.errors else 0
+    print(f"sweep: {report.summary()}")
+    for holder in report.reaped_apps:
+        print(f"  reaped {holder.app_domain} of dead run {holder.run_id}")
+    for path in report.removed_sandboxes:
+        print(f"  removed the sandbox {path}")
+    for name, items in report.swept.items():
+        for item in items:
+            print(f"  removed {name}: {item}")
+    for info in report.flagged:
+        who = f"run {info.holder.run_id}" if info.holder else "an unknown run"
+        print(f"  possible leak, left alone: {info.app_domain} held by {who}: {info.reason}")
+    for error in report.errors:
+        print(f"  error: {error}")
+    return 1 if report.errors else 0
 
 
 def cmd_image_build(settings, args) -> int:
@@ -202,7 +248,16 @@ def cmd_image_build(settings, args) -> int:
     from .vm.image import build_image
 
     info = build_image(args.name, settings.STATE_DIR, progress=lambda msg: print(msg, file=sys.stderr))
-    print(info)
+    parts = {"kernel": info.kernel, "initramfs": info.initrd, "disk": info.disk}
+    if args.json:
+        data = {"name": info.name, "hash": info.hash, "dir": str(info.dir), "kernel_package": info.kernel_package,
+                "cached": info.cached, **{k: str(v) for k, v in parts.items()}}  # fmt: skip
+        print(json.dumps(data, indent=2))
+        return 0
+    how = "was already built" if info.cached else "built"
+    print(f"image {info.name} {how}: {info.hash[:12]} from {info.kernel_package}, in {info.dir}")
+    for what, path in parts.items():
+        print(f"  {what + ':':<11}{path}")
     return 0
 
 

@@ -3,23 +3,26 @@
 ``Forge`` is the Protocol the rest of ccci codes against (Prow's plugins declare only the
 client methods they use); ``GiteaClient`` is the real thing on ``requests.Session``, and
 ``tests/fakes/gitea.py`` serves the same API over real HTTP for tests. Endpoints, shapes and
-status codes follow protocols.md §2.
+status codes follow docs/protocols.md §2.
 
 Every request carries a timeout. Idempotent methods (GET, PATCH, PUT, DELETE) are retried with
 backoff on connection errors and 502/503/504; POST is retried only when the connection could
 not be made at all (urllib3 never retries a POST whose request may have reached the forge),
 because a blindly repeated comment POST makes a second comment — the outbox above handles
 that. Any other failure raises ``ForgeError`` with ``status`` and ``transient`` set (5xx, 429
-and connection errors are transient). The token goes in the ``Authorization`` header only —
+and connection errors are transient), and is told to ``on_error`` by kind (``ERROR_KINDS``), which
+the worker counts in the store for the metrics. The token goes in the ``Authorization`` header only —
 never in a URL, an error message or a log line.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -27,7 +30,11 @@ from urllib3.util.retry import Retry
 
 from .errors import ForgeError
 
+log = logging.getLogger(__name__)
+
 STATUS_STATES = ("pending", "success", "error", "failure", "warning")
+# How a forge request can fail: not reached, too slow, refused (4xx), rate limited, broken (5xx), nonsense.
+ERROR_KINDS = ("unreachable", "timeout", "client_error", "rate_limited", "server_error", "bad_response")
 _SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")  # SHA-1, or SHA-256 object format
 
 
@@ -87,10 +94,18 @@ class GiteaClient:
     """The Gitea/Forgejo API v1 client: one ``requests.Session``, timeouts, bounded retries."""
 
     def __init__(
-        self, base_url: str, token: str, *, timeout: float = 10, retries: int = 3, backoff: float = 0.5
+        self,
+        base_url: str,
+        token: str,
+        *,
+        timeout: float = 10,
+        retries: int = 3,
+        backoff: float = 0.5,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.api = base_url.rstrip("/") + "/api/v1"
         self.timeout = timeout
+        self.on_error = on_error
         self._token = token
         self.session = requests.Session()
         self.session.headers.update(
@@ -150,14 +165,14 @@ class GiteaClient:
                 private=(base.get("repo") or {}).get("private") is True,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ForgeError(f"GET pull {owner}/{repo}#{number}: unexpected response ({exc!r})") from None
+            raise self._bad(f"GET pull {owner}/{repo}#{number}: unexpected response ({exc!r})") from None
         if not _SHA.match(pull.head_sha):
-            raise ForgeError(f"GET pull {owner}/{repo}#{number}: head sha {pull.head_sha[:80]!r} is not a sha")
+            raise self._bad(f"GET pull {owner}/{repo}#{number}: head sha {pull.head_sha[:80]!r} is not a sha")
         return pull
 
     def is_org_member(self, org: str, login: str) -> bool:
         """Return True only on 204; 404 and any redirect mean no; other answers raise ForgeError."""
-        # A caller outside the org is redirected to public_members (protocols.md §2);
+        # A caller outside the org is redirected to public_members (docs/protocols.md §2);
         # following it would turn "I may not know" into "yes", so never follow.
         path = f"/orgs/{_seg(org)}/members/{_seg(login)}"
         response = self._request("GET", path, allow_redirects=False)
@@ -176,7 +191,7 @@ class GiteaClient:
         if not isinstance(comments, list) or not all(
             isinstance(c, dict) and isinstance(c.get("id"), int) and isinstance(c.get("body"), str) for c in comments
         ):
-            raise ForgeError(f"GET {path}: unexpected response")
+            raise self._bad(f"GET {path}: unexpected response")
         return comments
 
     def create_comment(self, owner: str, repo: str, number: int, body: str) -> int:
@@ -185,7 +200,7 @@ class GiteaClient:
         data = self._json("POST", path, json={"body": body})
         comment_id = data.get("id") if isinstance(data, dict) else None
         if not isinstance(comment_id, int):
-            raise ForgeError(f"POST {path}: the answer has no comment id")
+            raise self._bad(f"POST {path}: the answer has no comment id")
         return comment_id
 
     def edit_comment(self, owner: str, repo: str, comment_id: int, body: str) -> None:
@@ -218,7 +233,7 @@ class GiteaClient:
         data = self._json("GET", path)
         statuses = data.get("statuses") if isinstance(data, dict) else None
         if not isinstance(statuses, list):
-            raise ForgeError(f"GET {path}: unexpected response")
+            raise self._bad(f"GET {path}: unexpected response")
         return next((s for s in statuses if isinstance(s, dict) and s.get("context") == context), None)
 
     # -- plumbing --------------------------------------------------------------------------------
@@ -228,7 +243,7 @@ class GiteaClient:
         try:
             return response.json()
         except ValueError:
-            raise ForgeError(f"{method} {path}: HTTP {response.status_code} without a JSON body") from None
+            raise self._bad(f"{method} {path}: HTTP {response.status_code} without a JSON body") from None
 
     def _request(self, method: str, path: str, *, check: bool = False, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("allow_redirects", False)
@@ -238,6 +253,7 @@ class GiteaClient:
             # The chained exception is dropped (from None): nothing of the request's headers may
             # travel further than this line.
             message = self._redact(f"{method} {path}: forge unreachable ({type(exc).__name__}: {exc})")
+            self._count("timeout" if isinstance(exc, requests.Timeout) else "unreachable")
             raise ForgeError(message[:500], None, True) from None
         if check and not 200 <= response.status_code < 300:
             raise self._error(method, path, response)
@@ -253,10 +269,38 @@ class GiteaClient:
         except ValueError:
             pass
         message = self._redact(f"{method} {path}: HTTP {status}{detail}")[:500]
+        self._count("server_error" if status >= 500 else "rate_limited" if status == 429 else "client_error")
         return ForgeError(message, status, transient=status >= 500 or status == 429)
+
+    def _bad(self, message: str) -> ForgeError:
+        """Return the error for an answer that makes no sense (a proxy's page, a changed API)."""
+        self._count("bad_response")
+        return ForgeError(message)
+
+    def _count(self, kind: str) -> None:
+        if self.on_error is None:
+            return
+        try:
+            self.on_error(kind)
+        except Exception:  # counting is for the metrics: it must never replace the forge's error
+            log.exception("counting a forge error (%s) failed", kind)
 
     def _redact(self, text: str) -> str:
         return text.replace(self._token, "***") if self._token else text
+
+
+def repo_web_url(clone_url: str) -> str:
+    """Return a repository's web page from its HTTP(S) clone URL (Gitea's is the page + ``.git``), or ''.
+
+    ``<page>/pulls/<n>`` is a pull request and ``<page>/commit/<sha>`` a commit on Gitea and
+    Forgejo. Credentials in the URL are dropped: the result goes into comments and pages.
+    """
+    parsed = urlsplit(clone_url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return ""
+    host = parsed.hostname + (f":{parsed.port}" if parsed.port else "")
+    path = parsed.path.rstrip("/").removesuffix(".git")
+    return urlunsplit((parsed.scheme, host, path, "", ""))
 
 
 def _seg(part: str) -> str:

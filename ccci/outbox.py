@@ -23,6 +23,7 @@ import random
 import time
 from typing import Any
 
+from . import logs
 from .errors import ForgeError
 from .forge import Forge
 from .store import OutboxItem, Store
@@ -65,11 +66,15 @@ class Courier:
             except ForgeError as exc:
                 if exc.status in PERMANENT_STATUSES or item.attempts + 1 >= MAX_ATTEMPTS:
                     why = "refused by the forge" if exc.status in PERMANENT_STATUSES else f"failed {MAX_ATTEMPTS} times"
-                    log.error("outbox %s (%s) %s, giving up: %s", item.id, item.kind, why, exc)
+                    logs.for_run(log, item.run_id).error(
+                        "outbox %s (%s) %s, giving up: %s", item.id, item.kind, why, exc
+                    )
                     self.store.mark_delivered(item.id, payload=item.payload)
                     continue
                 delay = min(MAX_BACKOFF, self.base_backoff * 2**item.attempts) * random.uniform(0.8, 1.2)
-                log.warning("outbox %s (%s) failed, retrying in %.1fs: %s", item.id, item.kind, delay, exc)
+                logs.for_run(log, item.run_id).warning(
+                    "outbox %s (%s) failed, retrying in %.1fs: %s", item.id, item.kind, delay, exc
+                )
                 self.store.mark_failed(item.id, str(exc), now + delay)
                 if item.run_id is not None:
                     blocked_runs.add(item.run_id)
@@ -78,6 +83,7 @@ class Courier:
             # A coalesced write replaced while in flight stays pending and goes out next pass.
             if not self.store.mark_delivered(item.id, payload=item.payload):
                 next_due = now
+            logs.for_run(log, item.run_id).info("outbox %s (%s) delivered", item.id, item.kind)
         return next_due
 
     def _deliver(self, item: OutboxItem) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import Settings
+from .forge import repo_web_url
 from .pipeline.progress import StepBoard
 from .pipeline.render import marker, render_comment, render_progress
 from .pipeline.report import Report
@@ -41,6 +42,10 @@ class Reporter:
         """Return the run page's public address, or '' without PUBLIC_URL."""
         base = self.settings.PUBLIC_URL.rstrip("/")
         return f"{base}/runs/{run_id}" if base else ""
+
+    def repo_url(self, run: Run) -> str:
+        """Return the web page of the run's repository, for links to its PR and commit."""
+        return repo_web_url(run.clone_url)
 
     def react(self, run: Run, content: str) -> None:
         """Put a reaction on the comment that triggered the run."""
@@ -85,6 +90,7 @@ class Reporter:
                 tested_sha=run.sha or "PR head",
                 position=self.store.queue_position(run.id) + 1,
                 public_url=self.settings.PUBLIC_URL,
+                repo_url=self.repo_url(run),
             ),
         )
 
@@ -106,6 +112,7 @@ class Reporter:
             tested_sha=run.sha or "",
             steps=board.rows(),
             public_url=self.settings.PUBLIC_URL,
+            repo_url=self.repo_url(run),
         )
         if waiting:
             body += f"\n\n⏸️ {waiting}; this run starts when it is free."
@@ -122,6 +129,7 @@ class Reporter:
             public_url=self.settings.PUBLIC_URL,
             tested_sha=run.sha or typed.sha,
             head_sha=head_sha,
+            repo_url=self.repo_url(run),
             limit=COMMENT_LIMIT - 500,
         )
         if run.superseded_by:

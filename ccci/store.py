@@ -102,7 +102,25 @@ CREATE TABLE IF NOT EXISTS outbox (
     done_at       REAL
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (done_at, next_attempt, id);
+
+-- The operator's view (metrics and health): what the tables above do not record.
+CREATE TABLE IF NOT EXISTS counters (
+    name   TEXT NOT NULL,              -- webhook_deliveries (by result), forge_errors (by kind)
+    label  TEXT NOT NULL,
+    value  INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (name, label)
+);
+
+CREATE TABLE IF NOT EXISTS heartbeats (
+    name  TEXT PRIMARY KEY,            -- worker: when it last completed a pass
+    at    REAL NOT NULL
+);
 """
+# Durations the metrics report, each from two columns of a run (see Store.durations).
+DURATIONS = {
+    "run": ("started_at", "finished_at"),  # the whole run, once it finished
+    "queue_wait": ("created_at", "started_at"),  # from the !testme to its start
+}
 
 
 @dataclass
@@ -461,6 +479,14 @@ class Store:
         with self._tx() as db:
             return db.execute(sql, args).rowcount == 1
 
+    def drop_pending(self, run_id: int, reason: str) -> int:
+        """Give up every undelivered write of a run (its PR is gone); return how many there were."""
+        with self._tx() as db:
+            return db.execute(
+                "UPDATE outbox SET done_at = ?, last_error = ? WHERE run_id = ? AND done_at IS NULL",
+                (time.time(), reason[:500], run_id),
+            ).rowcount
+
     def mark_attempt(self, item_id: int) -> None:
         """Record that a write is about to be sent: a crash from here on may leave it delivered."""
         with self._tx() as db:
@@ -482,6 +508,66 @@ class Store:
         """Count runs by state."""
         rows = self._connection().execute("SELECT state, COUNT(*) AS n FROM runs GROUP BY state").fetchall()
         return {r["state"]: r["n"] for r in rows}
+
+    # -- the operator's view ----------------------------------------------------------------------
+
+    def count(self, name: str, label: str, by: int = 1) -> None:
+        """Add ``by`` to counter ``name`` of ``label`` (e.g. webhook_deliveries of "queued")."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO counters (name, label, value) VALUES (?, ?, ?) "
+                "ON CONFLICT (name, label) DO UPDATE SET value = value + excluded.value",
+                (name, label, by),
+            )
+
+    def counters(self, name: str) -> dict[str, int]:
+        """Return counter ``name`` by label."""
+        rows = self._connection().execute("SELECT label, value FROM counters WHERE name = ?", (name,)).fetchall()
+        return {r["label"]: r["value"] for r in rows}
+
+    def beat(self, name: str, at: float | None = None) -> None:
+        """Record that ``name`` (the worker) is alive and completed a pass now."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO heartbeats (name, at) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET at = excluded.at",
+                (name, time.time() if at is None else at),
+            )
+
+    def heartbeat(self, name: str) -> float | None:
+        """Return when ``name`` last beat, or None if it never did."""
+        row = self._connection().execute("SELECT at FROM heartbeats WHERE name = ?", (name,)).fetchone()
+        return row["at"] if row else None
+
+    def finished_counts(self) -> dict[str, int]:
+        """Count the runs that reached each final state."""
+        marks = ", ".join("?" * len(FINAL_STATES))
+        sql = f"SELECT state, COUNT(*) AS n FROM runs WHERE state IN ({marks}) GROUP BY state"
+        return {r["state"]: r["n"] for r in self._connection().execute(sql, FINAL_STATES).fetchall()}
+
+    def durations(self, kind: str, bounds: tuple[float, ...]) -> tuple[list[int], int, float]:
+        """Return a histogram of one of ``DURATIONS``: cumulative counts per bound, the count and the sum."""
+        start, end = DURATIONS[kind]
+        seconds = f"MAX({end} - {start}, 0)"  # a wall clock set back must not make a negative wait
+        buckets = ", ".join(f"SUM({seconds} <= ?)" for _ in bounds)
+        sql = f"SELECT COUNT(*), TOTAL({seconds}){', ' + buckets if bounds else ''} FROM runs "
+        sql += f"WHERE {start} IS NOT NULL AND {end} IS NOT NULL AND state != 'refused'"
+        row = self._connection().execute(sql, bounds).fetchone()
+        return [int(n or 0) for n in row[2:]], int(row[0]), float(row[1])
+
+    def outbox_stats(self) -> dict[str, float | int | None]:
+        """Return the outbox's backlog, how many deliveries were retried, and when the oldest pending write was made.
+
+        ``attempts`` counts every attempt, the first included: retries are the ones after it.
+        """
+        row = (
+            self._connection()
+            .execute(
+                "SELECT COUNT(*) FILTER (WHERE done_at IS NULL), TOTAL(MAX(attempts - 1, 0)), "
+                "MIN(created_at) FILTER (WHERE done_at IS NULL) FROM outbox"
+            )
+            .fetchone()
+        )
+        return {"pending": int(row[0]), "retries": int(row[1]), "oldest_pending": row[2]}
 
 
 def _run(row: sqlite3.Row) -> Run:

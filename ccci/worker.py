@@ -27,6 +27,7 @@ import threading
 import time
 from typing import Any
 
+from . import logs
 from .config import Settings
 from .dispatch import Dispatcher, Finished
 from .doorbell import Doorbell
@@ -73,6 +74,7 @@ class Worker:
             self.recover()
             while not stop.is_set():
                 wait = self.run_pass()
+                self.store.beat("worker")  # /healthz: the worker completes passes
                 self.doorbell.wait(wait)
         finally:
             self.doorbell.close()
@@ -86,7 +88,7 @@ class Worker:
         except Exception:
             log.exception("recovery sweep failed")
         for run in self.store.list_runs(states=("running",), limit=10_000):
-            log.info("recovering run %s (dispatch ref %s)", run.id, run.dispatch_ref)
+            logs.for_run(log, run.id).info("recovering (dispatch ref %s)", run.dispatch_ref)
             if run.dispatch_ref:
                 self.dispatcher.adopt(run)
             else:  # crashed before its harness was recorded: no harness ever passed its gate
@@ -160,7 +162,7 @@ class Worker:
         return decision
 
     def _refuse(self, run: Run, reason: str, text: str) -> None:
-        log.info("run %s refused: %s", run.id, reason)
+        logs.for_run(log, run.id).info("refused: %s", reason)
         with self.store.transaction():
             self.store.update_run(run.id, only_if_state=("queued",), state="refused", note=reason,
                                   finished_at=time.time())  # fmt: skip
@@ -170,8 +172,13 @@ class Worker:
     def _forge_failed(self, run: Run, exc: ForgeError) -> None:
         """End the run on a permanent answer; back off on a transient one, within ADMIT_TIMEOUT."""
         if not exc.transient:
-            log.warning("run %s: the forge refused admission: %s", run.id, exc)
-            self._end_without_running(run, "error", _admission_refused(run, exc))
+            logs.for_run(log, run.id).warning("the forge refused admission: %s", exc)
+            # A PR the forge does not know has nowhere to be told: the report stays with ccci
+            # (run page, admin API), and nothing is sent that could only fail for ever.
+            gone = exc.status in (404, 410)
+            self._end_without_running(run, "error", _admission_refused(run, exc), tell_forge=not gone)
+            if gone and self.store.drop_pending(run.id, f"pull request #{run.pr} is gone"):
+                logs.for_run(log, run.id).info("dropped its writes to the forge: the pull request is gone")
             return
         waited = time.time() - run.created_at
         if waited > self.settings.ADMIT_TIMEOUT:
@@ -182,7 +189,7 @@ class Worker:
             self._end_without_running(run, "error", note)
             return
         pause = self._backoff(("admit", run.id))
-        log.warning("admitting run %s: %s (trying again in %.0f s)", run.id, exc, pause)
+        logs.for_run(log, run.id).warning("admitting: %s (trying again in %.0f s)", exc, pause)
 
     def _supersede_older(self, run: Run) -> None:
         """Cancel the PR's older runs: at most one run per PR goes on, the newest."""
@@ -278,15 +285,15 @@ class Worker:
             # The reference is recorded before the harness may run a step (dispatch/local.py).
             self.dispatcher.start(run, lambda ref: self.store.update_run(run.id, dispatch_ref=ref))
         except TransientInfraError as exc:  # e.g. Drone down: nothing new was started
-            log.warning("run %s: could not start, will retry: %s", run.id, exc)
+            logs.for_run(log, run.id).warning("could not start, will retry: %s", exc)
             self._requeue(run, f"could not start: {exc}")
             return False  # don't hit a dispatcher that is down with the rest of the queue this pass
         except CcciError as exc:  # configuration, a refused parameter, a permanent failure
-            log.error("run %s: cannot start: %s", run.id, exc)
+            logs.for_run(log, run.id).error("cannot start: %s", exc)
             self._end_without_running(run, "error", f"ccci could not start this run: {exc}")
             return True
         except Exception:  # a bug: still exactly one final report
-            log.exception("run %s: starting failed", run.id)
+            logs.for_run(log, run.id).exception("starting failed")
             self._end_without_running(run, "error", "ccci failed to start this run (see the worker log)")
             return True
         run = self._run(run.id)
@@ -296,7 +303,7 @@ class Worker:
         return True
 
     def _requeue(self, run: Run, why: str) -> None:
-        log.info("run %s queued again: %s", run.id, why)
+        logs.for_run(log, run.id).info("queued again: %s", why)
         self.store.update_run(run.id, only_if_state=("running",), state="queued", started_at=None, dispatch_ref=None)
 
     def _finish(self) -> None:
@@ -333,12 +340,12 @@ class Worker:
             report.setdefault("notes", []).insert(0, note)
         return report
 
-    def _end_without_running(self, run: Run, status: str, note: str) -> None:
+    def _end_without_running(self, run: Run, status: str, note: str, *, tell_forge: bool = True) -> None:
         report = _empty_report(run, status)
         report["notes"] = [note]
-        self._finalize(run, report, note=note)
+        self._finalize(run, report, note=note, tell_forge=tell_forge)
 
-    def _finalize(self, run: Run, report: dict[str, Any], note: str | None = None) -> None:
+    def _finalize(self, run: Run, report: dict[str, Any], note: str | None = None, *, tell_forge: bool = True) -> None:
         """Record the final state and say it on the forge, together and exactly once."""
         status = report["status"]
         assert status in FINAL_STATES
@@ -347,16 +354,17 @@ class Worker:
             try:
                 head_sha = self.forge.get_pull(run.owner, run.repo, run.pr).head_sha
             except ForgeError as exc:
-                log.warning("run %s: could not re-read the PR head: %s", run.id, exc)
+                logs.for_run(log, run.id).warning("could not re-read the PR head: %s", exc)
         with self.store.transaction():
             changes: dict[str, Any] = {"state": status, "report": report, "finished_at": time.time()}
             if note is not None:
                 changes["note"] = note
             if not self.store.update_run(run.id, only_if_state=ACTIVE_STATES, **changes):
                 return  # finished already: exactly one final report
-            self.reporter.final(self._run(run.id), report, head_sha)
+            if tell_forge:
+                self.reporter.final(self._run(run.id), report, head_sha)
         self._retry_at.pop(("admit", run.id), None)
-        log.info("run %s finished: %s", run.id, status)
+        logs.for_run(log, run.id).info("finished: %s", status)
 
     def _refresh_progress(self) -> None:
         for run_id in self.dispatcher.active():

@@ -7,6 +7,9 @@ this file through ``GUNICORN_CMD_ARGS`` (e.g. ``--bind 0.0.0.0:9000 --workers 3`
 
 import os
 
+from ccci.config import default_state_dir, load_settings
+from ccci.errors import ConfigError
+
 # Behind the reverse proxy (deploy/nginx.conf) on loopback only.
 bind = "127.0.0.1:8080"
 
@@ -51,15 +54,24 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 # Logs to stderr, which systemd's journal collects. The access log names the peer and the real
 # client (the proxy's X-Real-IP), the request, status, size and time taken in milliseconds;
 # headers such as the webhook signature or the admin token are never logged.
+# Lines are in ccci's format (time with zone, pid, level, logger; LOG_FORMAT = "json" for JSON),
+# the same as the worker's, so the journal of both units reads as one log.
 accesslog = "-"
 errorlog = "-"
 loglevel = "info"
 access_log_format = '%(h)s %({x-real-ip}i)s "%(r)s" %(s)s %(B)s %(M)sms "%(a)s"'
+logger_class = "ccci.web.server.GunicornLogger"
 
-# gunicorn's control socket defaults to $HOME/.gunicorn, which the systemd unit makes read-only;
-# systemd names the unit's own runtime directory in $RUNTIME_DIRECTORY.
+# gunicorn's control socket defaults to $XDG_RUNTIME_DIR or $HOME/.gunicorn, shared by every
+# gunicorn of the user (and read-only under the systemd unit). It gets the unit's own runtime
+# directory, which systemd names in $RUNTIME_DIRECTORY, and otherwise ccci's STATE_DIR.
 if os.environ.get("RUNTIME_DIRECTORY"):
     control_socket = os.path.join(os.environ["RUNTIME_DIRECTORY"].split(":")[0], "gunicorn.ctl")
+else:
+    try:
+        control_socket = str(load_settings().STATE_DIR / "gunicorn.ctl")
+    except ConfigError:  # loading the app reports it, naming the key
+        control_socket = str(default_state_dir() / "gunicorn.ctl")
 
 proc_name = "ccci-web"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,9 @@ def test_an_invalid_ci_yml_is_an_error_naming_the_file(env, checkout, tmp_path):
     done = ccci("test", str(recipe), "--source", str(checkout), "--json", env=env)
     assert done.returncode == 1
     report = json.loads(done.stdout)
-    assert report["status"] == "error" and "needz" in report["notes"][0] and "ci.yml" in report["notes"][0]
+    [note] = report["notes"]
+    assert report["status"] == "error" and note.startswith("broken/ci.yml, line 4, column 5: step a: key 'needz'")
+    assert str(tmp_path) not in note  # what the PR would show: no path of the server
 
 
 @pytest.mark.parametrize(
@@ -118,12 +121,13 @@ def test_sweep_removes_a_dead_runs_sandbox_and_reports_it(env, tmp_path):
     )  # fmt: skip
     abra_dir = Path(victim.stdout.readline().strip())
     assert abra_dir.is_dir()
-    live = ccci("sweep", env=env)
+    live = ccci("sweep", "--json", env=env)
     assert json.loads(live.stdout)["removed_sandboxes"] == [] and abra_dir.is_dir()  # the owner lives
     victim.kill()
     victim.communicate()
-    swept = json.loads(ccci("sweep", env=env).stdout)
-    assert any("41" in p for p in swept["removed_sandboxes"])
+    swept = ccci("sweep", env=env)  # for people: a summary line, then one line per thing freed
+    assert swept.returncode == 0 and swept.stdout.startswith("sweep: reaped 0 app(s), removed 1 sandbox(es)")
+    assert f"  removed the sandbox {abra_dir}\n" in swept.stdout
     assert not abra_dir.exists()
 
 
@@ -181,9 +185,90 @@ def test_sweep_reaps_a_dead_runs_app_through_its_recipes_teardown_and_leaves_not
 
     swept = ccci("sweep", env={**env, "CCCI_RECIPES_DIR": str(recipes)})
     assert swept.returncode == 0, swept.stderr
+    assert "  reaped reaper.ci.localhost of dead run 77\n" in swept.stdout
     assert (tmp_path / "abra" / "servers" / "reaped").read_text() == "reaper.ci.localhost run 77\n"
     assert not list(lock_dir.iterdir())
     assert not list((tmp_path / "state" / "runs").glob("reap-*"))  # the reaper's own sandbox is gone too
-    again = ccci("sweep", env={**env, "CCCI_RECIPES_DIR": str(recipes)})
+    again = ccci("sweep", "--json", env={**env, "CCCI_RECIPES_DIR": str(recipes)})
     assert json.loads(again.stdout)["reaped_apps"] == []
     assert (tmp_path / "abra" / "servers" / "reaped").read_text().count("\n") == 1  # exactly once
+
+
+@pytest.fixture
+def home_env(env, tmp_path):
+    """The environment of a user who set no paths: everything follows from HOME."""
+    home = tmp_path / "home"
+    home.mkdir()
+    base = {k: v for k, v in env.items() if k not in ("CCCI_STATE_DIR", "XDG_STATE_HOME")}
+    return {**base, "HOME": str(home)}
+
+
+def test_test_passes_out_of_the_box_with_the_default_state_dir(home_env, checkout):
+    # The default STATE_DIR used to be ./var: bubblewrap could not bind the relative path.
+    done = ccci("test", "hello", env=home_env, cwd=checkout)
+    assert done.returncode == 0, done.stderr
+    state = Path(home_env["HOME"]) / ".local" / "state" / "ccci"
+    assert list((state / "runs").glob("local-*/report.json"))
+    assert not (checkout / "var").exists()
+
+
+def test_runs_and_cancel_find_the_same_store_from_any_directory(home_env, tmp_path):
+    assert ccci("runs", env=home_env).stderr.startswith("no runs yet: there is no database at")
+    assert "no database" in ccci("cancel", "1", env=home_env).stderr
+    state = Path(home_env["HOME"]) / ".local" / "state" / "ccci"
+    assert not state.exists()  # looking created nothing
+    _, run = Store(state / "ccci.db").claim_comment(owner="o", repo="hello", comment_id=1, action="test",
+                                                    run={"pr": 4, "recipe": "hello", "requester": "alice"})  # fmt: skip
+    for cwd in (Path("/"), tmp_path, ROOT):
+        assert [r["id"] for r in json.loads(ccci("runs", "--json", env=home_env, cwd=cwd).stdout)] == [run.id]
+
+
+@pytest.mark.parametrize("where", ["/", "home"])
+def test_test_refuses_to_copy_the_whole_filesystem_or_home(home_env, where):
+    cwd = Path(home_env["HOME"]) if where == "home" else Path("/")
+    done = ccci("test", "hello", env=home_env, cwd=cwd)
+    assert done.returncode == 1 and "refusing to copy" in done.stderr and "--source" in done.stderr
+
+
+def test_a_failing_test_shows_why_and_where_its_files_are(env, checkout, tmp_path):
+    recipe = tmp_path / "failing"
+    recipe.mkdir()
+    (recipe / "ci.yml").write_text(
+        "steps:\n  - name: boom\n    run: |\n      for i in $(seq 100); do echo progress $i; done\n"
+        "      echo 'error: the database refused the connection' >&2; exit 3\n"
+    )
+    done = ccci("test", str(recipe), "--source", str(checkout), env=env)
+    assert done.returncode == 1
+    err = done.stderr
+    assert "last lines of boom (failed, exit 3):" in err
+    # The real error comes first, then the tail of stdout (as the PR comment shows it).
+    assert err.index("error: the database refused the connection") < err.index("progress 100")
+    assert "progress 1\n" not in err  # a tail, not the whole output
+    log = Path(re.search(r"^  log:    (\S+)$", err, re.M)[1])
+    report = Path(re.search(r"^  report: (\S+)$", err, re.M)[1])
+    assert "progress 100" in log.read_text() and json.loads(report.read_text())["status"] == "failed"
+
+
+def test_a_broken_ci_yml_says_why_on_the_terminal(env, checkout, tmp_path):
+    recipe = tmp_path / "broken"
+    recipe.mkdir()
+    (recipe / "ci.yml").write_text("steps:\n  - name: a\n    run: echo: x\n")
+    done = ccci("test", str(recipe), "--source", str(checkout), env=env)
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    at = lines.index("  broken/ci.yml, line 3, column 14: not valid YAML: mapping values are not allowed here")
+    assert lines[at + 1].strip() == "run: echo: x" and lines[at + 2].strip() == "^"
+    assert "(0/0 steps passed)" in done.stderr and "  report: " in done.stderr
+
+
+def test_image_build_says_what_it_built_and_json_on_request(env, tmp_path):
+    from tests.vm.vmhelpers import shared_vm_state
+
+    state = shared_vm_state(tmp_path)  # the tiny image, built once and cached across sessions
+    env = {**env, "CCCI_STATE_DIR": str(state)}
+    done = ccci("image", "build", "tiny", env=env)
+    assert done.returncode == 0, done.stderr
+    assert re.match(r"image tiny was already built: [0-9a-f]{12} from linux-image-\S+, in /", done.stdout)
+    assert "ImageInfo(" not in done.stdout and "  kernel:    /" in done.stdout
+    data = json.loads(ccci("image", "build", "tiny", "--json", env=env).stdout)
+    assert data["name"] == "tiny" and data["cached"] is True and Path(data["kernel"]).is_file()

@@ -1,21 +1,47 @@
-"""Settings: layering, validation errors that name the key, and the documented example file."""
+"""Settings: layering, strict types, absolute paths, validation errors that name the key, the example file."""
 
+import logging
 import re
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from ccci.config import DESCRIPTIONS, REPO_ROOT, Settings, load_settings
+from ccci.config import OWN_VARIABLES, Settings, doc, load_settings
 from ccci.errors import ConfigError
 
+ROOT = Path(__file__).resolve().parent.parent
 
-def test_defaults_load_without_anything():
-    s = load_settings({})
+
+def test_defaults_load_without_anything(tmp_path):
+    s = load_settings({"HOME": str(tmp_path)})
     assert s.TRIGGER == "!testme"
     assert s.DISPATCH == "local"
-    assert s.RECIPES_DIR == REPO_ROOT / "recipes"
+    assert (s.RECIPES_DIR / "hello" / "ci.yml").is_file()
     assert s.WEBHOOK_SECRET == ""
+    assert tmp_path / ".local" / "state" / "ccci" == s.STATE_DIR
+    assert tmp_path / ".abra" == s.ABRA_HOME
+
+
+def test_state_dir_follows_xdg_and_never_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert Path("/srv/state/ccci") == load_settings({"XDG_STATE_HOME": "/srv/state"}).STATE_DIR
+    # The XDG spec says a relative XDG_STATE_HOME is to be ignored.
+    assert Path("/home/u/.local/state/ccci") == load_settings({"HOME": "/home/u", "XDG_STATE_HOME": "rel"}).STATE_DIR
+    for key in ("STATE_DIR", "LOCK_DIR", "RECIPES_DIR", "ABRA_HOME"):
+        assert getattr(load_settings({}), key).is_absolute(), key
+
+
+def test_relative_paths_are_made_absolute_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert tmp_path / "var" == load_settings({"CCCI_STATE_DIR": "./var"}).STATE_DIR  # the environment: cwd
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    (conf_dir / "ccci.toml").write_text('STATE_DIR = "state"\nRECIPES_DIR = "../recipes"\n')
+    monkeypatch.chdir("/")
+    s = load_settings({"CCCI_CONFIG": str(conf_dir / "ccci.toml")})  # the file: relative to the file
+    assert (conf_dir / "state", tmp_path / "recipes") == (s.STATE_DIR, s.RECIPES_DIR)
+    assert load_settings(s.to_env()) == s  # children get the same absolute paths
 
 
 def test_file_overrides_defaults_and_env_overrides_file(tmp_path):
@@ -58,10 +84,60 @@ def test_bad_values_are_refused_naming_the_key(env, key):
     assert str(err.value).startswith(f"{key}: ")
 
 
+@pytest.mark.parametrize(
+    "toml, key, words",
+    [
+        ("MAX_RUNS = 2.7", "MAX_RUNS", "whole number"),
+        ("STATE_DIR = 5", "STATE_DIR", "path"),
+        ("TRIGGER = 1", "TRIGGER", "text"),
+        ("KEEP_SANDBOX = 1", "KEEP_SANDBOX", "true or false"),
+        ("ALLOWED_USERS = [1, 2]", "ALLOWED_USERS", "list of text"),
+        ('RUN_TIMEOUT = "1 hour"', "RUN_TIMEOUT", "seconds"),
+        ("RUN_TIMEOUT = 1.5", "RUN_TIMEOUT", "seconds"),
+        ("MAX_BODY = true", "MAX_BODY", "whole number"),
+    ],
+)
+def test_types_in_the_file_are_strict(tmp_path, toml, key, words):
+    config = tmp_path / "ccci.toml"
+    config.write_text(toml + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings({"CCCI_CONFIG": str(config)})
+    assert err.value.key == key and words in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["2.7", "2x", " ", "two"])
+def test_whole_numbers_from_the_environment_are_strict(value):
+    with pytest.raises(ConfigError, match="MAX_RUNS: must be a whole number"):
+        load_settings({"CCCI_MAX_RUNS": value})
+
+
+@pytest.mark.parametrize(
+    "value, seconds", [("90", 90), ("90s", 90), ("30m", 1800), ("1h", 3600), ("1h30m", 5400), ("2d", 172800)]
+)
+def test_durations_take_units(value, seconds):
+    assert seconds == load_settings({"CCCI_RUN_TIMEOUT": value}).RUN_TIMEOUT
+
+
+@pytest.mark.parametrize("value", ["1 hour", "1.5h", "h", "30mins", "-5m"])
+def test_a_bad_duration_says_seconds(value):
+    with pytest.raises(ConfigError) as err:
+        load_settings({"CCCI_LOCK_WAIT": value})
+    assert err.value.key == "LOCK_WAIT" and "seconds" in str(err.value) and "int()" not in str(err.value)
+
+
+def test_an_unknown_ccci_variable_is_a_warning_naming_it(caplog):
+    own = {name: "x" for name in OWN_VARIABLES if name != "CCCI_CONFIG"}
+    with caplog.at_level(logging.WARNING, logger="ccci.config"):
+        s = load_settings({"CCCI_MAX_RUN": "3", **own})
+    assert s.MAX_RUNS == 2
+    [record] = caplog.records
+    assert "CCCI_MAX_RUN" in record.getMessage() and "did you mean CCCI_MAX_RUNS?" in record.getMessage()
+
+
 def test_unknown_key_in_the_file_is_refused(tmp_path):
     config = tmp_path / "ccci.toml"
     config.write_text("MAX_RUN = 3\n")
-    with pytest.raises(ConfigError, match="MAX_RUN: unknown key"):
+    with pytest.raises(ConfigError, match="MAX_RUN: unknown key.*did you mean MAX_RUNS"):
         load_settings({"CCCI_CONFIG": str(config)})
 
 
@@ -86,14 +162,28 @@ def test_to_env_round_trips():
     assert load_settings(s.to_env()) == s
 
 
-def test_example_file_documents_every_key_and_loads():
-    example = REPO_ROOT / "deploy" / "config.example.toml"
-    text = example.read_text()
-    keys = re.findall(r"^([A-Z_]+) = ", text, re.M)
-    assert keys == [f.name for f in fields(Settings)]
-    lines = text.splitlines()
-    for key in keys:
-        index = next(i for i, line in enumerate(lines) if line.startswith(f"{key} = "))
-        assert lines[index - 1] == f"# {DESCRIPTIONS[key]}", f"{key} needs its comment above it"
-    assert load_settings({"CCCI_CONFIG": str(example)}).ALLOWED_ORGS == ("coop-cloud",)
-    assert Path(example).is_file()
+EXAMPLE = ROOT / "deploy" / "config.example.toml"
+KEY_LINE = re.compile(r"^(# )?([A-Z_]+) = ")
+
+
+def test_example_file_documents_every_key_in_order():
+    lines = EXAMPLE.read_text().splitlines()
+    keyed = [(i, m[2]) for i, line in enumerate(lines) if (m := KEY_LINE.match(line))]
+    assert [key for _, key in keyed] == [f.name for f in fields(Settings)]
+    for index, key in keyed:
+        assert lines[index - 1] == f"# {doc(key)}", f"{key} needs its meaning (Settings metadata) above it"
+
+
+def test_the_example_file_as_copied_changes_nothing(tmp_path):
+    # Only true defaults are live: a copy allows nobody, points nowhere and uses nobody's home.
+    env = {"HOME": str(tmp_path)}
+    assert load_settings({**env, "CCCI_CONFIG": str(EXAMPLE)}) == load_settings(env)
+
+
+def test_the_example_files_examples_are_valid_and_use_no_root_paths(tmp_path):
+    text = EXAMPLE.read_text()
+    assert "/root" not in text
+    live = tmp_path / "live.toml"
+    live.write_text(re.sub(r"^# ([A-Z_]+ = )", r"\1", text, flags=re.M))
+    s = load_settings({"CCCI_CONFIG": str(live), "HOME": str(tmp_path)})
+    assert s.ALLOWED_ORGS == ("coop-cloud",) and Path("/var/lib/ccci") == s.STATE_DIR and s.PUBLIC_URL

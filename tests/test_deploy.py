@@ -9,6 +9,7 @@ and give them settings that load.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import shlex
@@ -24,6 +25,7 @@ import pytest
 import yaml
 
 from ccci.config import Settings, load_settings
+from ccci.store import Store
 from tests.support import ROOT, free_port, stop, wait_for_port
 
 DEPLOY = ROOT / "deploy"
@@ -261,9 +263,13 @@ def body_too_large(port: int, size: int) -> tuple[int, dict[str, str]]:
 
 @needs_nginx
 @needs_openssl
-def test_nginx_exposes_public_paths_and_restricts_admin(proxy):
+def test_nginx_exposes_public_paths_and_restricts_admin(proxy, tmp_path):
     status, headers, body = request(proxy, "GET", "/healthz")
-    assert (status, body) == (200, b'{"ok":true}\n'), body
+    # Only gunicorn runs here, no worker: health says so, through the proxy.
+    assert status == 503 and b"never completed a pass" in body, body
+    Store(tmp_path / "state" / "ccci.db").beat("worker")
+    status, headers, body = request(proxy, "GET", "/healthz")
+    assert status == 200 and json.loads(body)["ok"] is True, body
     status, _, body = request(proxy, "POST", "/hooks/forge", body=b"{}", headers={"Content-Type": "application/json"})
     assert status == 401, body  # gunicorn answered: no signature
     status, _, _ = request(proxy, "GET", "/runs/1")
@@ -273,7 +279,7 @@ def test_nginx_exposes_public_paths_and_restricts_admin(proxy):
     assert request(proxy, "GET", "/hooks/forge")[0] == 403
     # Metrics and the admin API answer the allow list (127.0.0.1) and nobody else (127.0.0.2).
     status, _, body = request(proxy, "GET", "/metrics")
-    assert status == 200 and b"ccci_runs" in body
+    assert status == 200 and b"ccci_runs_finished_total" in body
     assert request(proxy, "GET", "/metrics", source="127.0.0.2")[0] == 403
     assert request(proxy, "GET", "/admin/runs")[0] == 401  # ccci wants its token too
     assert request(proxy, "GET", "/admin/runs", source="127.0.0.2")[0] == 403
@@ -330,7 +336,7 @@ def test_drone_runner_gives_builds_settings_that_do_not_depend_on_home():
     builds = dict(pair.split(":", 1) for pair in runner_env()["DRONE_RUNNER_ENVIRON"].split(","))
     assert builds["CCCI_CONFIG"] == "/etc/ccci/config.toml"
     # The exec runner gives each build a throwaway HOME and workspace: the settings whose defaults
-    # resolve against them (./var, ~/.abra) must be given explicitly, as absolute paths.
+    # resolve against them (~/.local/state/ccci, ~/.abra) must be given explicitly, as absolute paths.
     env = {**builds, "CCCI_CONFIG": str(DEPLOY / "config.example.toml")}  # standing in for /etc/ccci
     settings = load_settings(env)
     for key in ("STATE_DIR", "LOCK_DIR", "ABRA_HOME"):
@@ -338,3 +344,29 @@ def test_drone_runner_gives_builds_settings_that_do_not_depend_on_home():
         assert getattr(settings, key) == Path(builds["CCCI_" + key]) and getattr(settings, key).is_absolute()
     assert Path(builds["ABRA_DIR"]).is_absolute() and Path(builds["DOCKER_CONFIG"]).is_absolute()
     assert builds["DOCKER_HOST"].startswith(("unix://", "tcp://", "ssh://"))
+
+
+def test_recipe_ci_runs_the_hosts_installed_ccci_and_installs_nothing():
+    pipelines = {doc["name"]: doc for doc in yaml.safe_load_all((ROOT / ".drone.yml").read_text()) if doc}
+    recipe_ci = pipelines["recipe-ci"]
+    assert recipe_ci["clone"] == {"disable": True}  # the code is the host's, not the build's
+    [step] = recipe_ci["steps"]
+    [command] = step["commands"]
+    worker = shlex.split(read_unit("ccci-worker.service")["Service"]["ExecStart"][0])
+    assert command.startswith(f"{Path(worker[0]).parent}/ccci run ")  # the same install as the units'
+    assert not any(setup in command for setup in ("scripts/install", "pip ", "-m venv", "&&", ";"))
+
+
+def test_a_production_install_leaves_the_test_tools_out():
+    def listed(*args: str) -> dict[str, list[str]]:
+        out = subprocess.run([ROOT / "scripts" / "install", "--list", *args], capture_output=True, text=True,
+                             check=True, cwd="/", timeout=60).stdout  # fmt: skip
+        return {k: v.split() for k, v in (line.split(": ", 1) for line in out.splitlines())}
+
+    run, test = listed(), listed("--test")
+    test_only = {"chromium", "nginx", "openssl"}
+    assert not test_only & set(run["debian"]) and test_only <= set(test["debian"])
+    assert {"qemu-system-x86", "bubblewrap", "git"} <= set(run["debian"])
+    runtime = (ROOT / run["python"][0]).read_text()
+    assert "pytest" not in runtime and "ruff" not in runtime and "gunicorn==" in runtime
+    assert "-r requirements.txt" in (ROOT / test["python"][0]).read_text()

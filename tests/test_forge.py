@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from ccci.errors import ForgeError
-from ccci.forge import Forge, GiteaClient, PullRequest
+from ccci.forge import Forge, GiteaClient, PullRequest, repo_web_url
 from ccci.intake.event import CommentEvent, parse_event
 from tests.fakes import sign
 from tests.fakes.gitea import FakeGitea
@@ -342,3 +342,44 @@ def test_unknown_git_repo_is_404(gitea):
         env={"GIT_TERMINAL_PROMPT": "0", "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode != 0
+
+
+@pytest.mark.parametrize(
+    "clone_url, page",
+    [
+        ("https://git.coopcloud.tech/coop-cloud/hello.git", "https://git.coopcloud.tech/coop-cloud/hello"),
+        ("http://127.0.0.1:3000/o/r.git", "http://127.0.0.1:3000/o/r"),
+        ("https://user:secret@git.example/o/r.git", "https://git.example/o/r"),  # never a credential
+        ("git@git.example:o/r.git", ""),
+        ("", ""),
+    ],
+)
+def test_the_repository_page_comes_from_its_clone_url(clone_url, page):
+    assert repo_web_url(clone_url) == page
+
+
+def test_failed_requests_are_told_to_on_error_by_kind():
+    kinds: list[str] = []
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # nothing listens here once the socket is closed
+    client = GiteaClient(f"http://127.0.0.1:{closed}", "tok", retries=0, on_error=kinds.append)
+    with pytest.raises(ForgeError):
+        client.get_pull("o", "r", 1)
+    with FakeGitea() as gitea:
+        client = GiteaClient(gitea.url, gitea.token, retries=0, on_error=kinds.append)
+        with pytest.raises(ForgeError):
+            client.get_pull("o", "r", 404)  # no such pull request
+    assert kinds == ["unreachable", "client_error"]
+
+
+def test_a_failing_counter_never_replaces_the_forge_error(caplog):
+    def broken(_kind):
+        raise RuntimeError("the store is locked")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with pytest.raises(ForgeError):
+        GiteaClient(f"http://127.0.0.1:{closed}", "tok", retries=0, on_error=broken).get_pull("o", "r", 1)
+    assert "counting a forge error (unreachable) failed" in caplog.text

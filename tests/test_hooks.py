@@ -169,3 +169,43 @@ def test_admin_runs_flags_a_lock_held_too_long_and_leaves_it_held(app_factory, t
         assert path.exists()  # flagged, never stolen
     finally:
         os.close(fd)
+
+
+def decisions(caplog) -> list:
+    """Return the webhook decision records logged so far."""
+    return [r for r in caplog.records if r.name == "ccci.web.hooks" and r.getMessage() == "webhook"]
+
+
+def test_every_delivery_leaves_one_line_saying_what_was_decided(client, caplog):
+    caplog.set_level("INFO", logger="ccci.web.hooks")
+    headers, body = as_alice("gitea_pr_comment_created", comment__body="!testme")
+    queued = post(client, headers, body).json["run"]
+    post(client, {**headers, "X-Gitea-Signature": "0" * 64, "X-Hub-Signature-256": "sha256=" + "0" * 64}, body)
+    post(client, *as_alice("gitea_pr_comment_created", comment__body="just a remark"))
+    first, refused, ignored = decisions(caplog)
+    assert first.fields["result"] == "queued" and first.fields["status"] == 202 and first.run == queued
+    assert first.fields["event"] == "pull_request_comment" and first.fields["delivery"] == headers["X-Gitea-Delivery"]
+    assert first.fields["repo"] == json.loads(body)["repository"]["full_name"]
+    assert (refused.fields["status"], refused.fields["result"]) == (401, "unauthorized")
+    assert refused.fields["reason"] == "bad or missing signature"
+    assert ignored.fields["result"] == "ignored" and ignored.fields["reason"]
+
+
+def test_a_body_over_the_limit_is_logged_too(app_factory, caplog):
+    caplog.set_level("INFO", logger="ccci.web.hooks")
+    client = app_factory(MAX_BODY=2048).test_client()
+    client.post("/hooks/forge", data=b"x" * 4096, headers={"X-Gitea-Delivery": "d-1"})
+    [line] = decisions(caplog)
+    assert line.fields["status"] == 413 and line.fields["result"] == "too_large" and line.fields["delivery"] == "d-1"
+
+
+def test_a_delivery_is_answered_even_when_counting_it_fails(client, monkeypatch, caplog):
+    import sqlite3
+
+    def locked(*_args, **_kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store_of(client), "count", locked)
+    headers, body = as_alice("gitea_pr_comment_created", comment__body="!testme")
+    assert post(client, headers, body).status_code == 202
+    assert "counting a webhook delivery (queued) failed" in caplog.text

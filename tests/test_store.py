@@ -122,3 +122,43 @@ def test_events_are_read_incrementally_and_a_half_written_line_waits(tmp_path):
         f.write('ep": "a"}\n')
     assert files.read_events_from(offset)[0] == [{"kind": "finished", "step": "a"}]
     assert len(files.read_events()) == 2
+
+
+def test_counters_and_heartbeats_add_up_across_connections(tmp_path):
+    a, b = Store(tmp_path / "ccci.db"), Store(tmp_path / "ccci.db")
+    a.count("webhook_deliveries", "queued")
+    b.count("webhook_deliveries", "queued")
+    b.count("webhook_deliveries", "ignored", by=3)
+    assert a.counters("webhook_deliveries") == {"queued": 2, "ignored": 3} and a.counters("forge_errors") == {}
+    assert a.heartbeat("worker") is None
+    b.beat("worker", at=100.0)
+    b.beat("worker", at=200.0)
+    assert a.heartbeat("worker") == 200.0
+
+
+def test_durations_are_histograms_of_finished_and_started_runs(tmp_path):
+    store = Store(tmp_path / "ccci.db")
+    for i, (wait, took) in enumerate([(2.0, 30.0), (20.0, 400.0), (0.5, None)]):
+        _, run = store.claim_comment(owner="o", repo="r", comment_id=i, action="test",
+                                     run={"pr": i, "recipe": "r", "requester": "a"})  # fmt: skip
+        changes = {"created_at": 1000.0, "started_at": 1000.0 + wait, "state": "running"}
+        if took is not None:
+            changes.update(finished_at=1000.0 + wait + took, state="passed")
+        store.update_run(run.id, **changes)
+    assert store.durations("run", (60.0, 600.0)) == ([1, 2], 2, 430.0)
+    assert store.durations("queue_wait", (1.0, 5.0, 60.0)) == ([1, 2, 3], 3, 22.5)
+    assert store.finished_counts() == {"passed": 2}
+
+
+def test_outbox_stats_say_backlog_retries_and_the_oldest_pending(tmp_path):
+    store = Store(tmp_path / "ccci.db")
+    assert store.outbox_stats() == {"pending": 0, "retries": 0, "oldest_pending": None}
+    first = store.enqueue("comment", {"n": 1})
+    store.enqueue("comment", {"n": 2})
+    for _ in range(2):  # two attempts that failed, then the one that got through
+        store.mark_attempt(first)
+        store.mark_failed(first, "forge down", 0.0)
+    store.mark_attempt(first)
+    store.mark_delivered(first)
+    stats = store.outbox_stats()
+    assert stats["pending"] == 1 and stats["retries"] == 2 and stats["oldest_pending"] > 0

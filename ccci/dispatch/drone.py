@@ -12,7 +12,7 @@ lines become the run's progress events, the last ``::ccci-report`` line is its r
 other line is appended to the run's local log — so the run page reads a Drone run from the same
 ``RunFiles`` as a local one. How far the log has been read is kept in the run's directory, so a
 restarted worker that adopts the build neither loses nor repeats lines. Shapes follow
-protocols.md §3.
+docs/protocols.md §3.
 
 Errors from ``start`` (``errors.py`` tree; nothing is sent unless every parameter is valid):
 
@@ -40,6 +40,7 @@ from urllib.parse import urlparse
 
 import requests
 
+from .. import logs
 from ..config import Settings
 from ..errors import CcciError, ConfigError, PermanentInfraError, TransientInfraError
 from ..names import is_recipe, is_sha
@@ -140,9 +141,9 @@ class DroneDispatcher:
                     f"Drone answered the build trigger with something that is not a build: {data!r:.200}"
                 )
             number = data["number"]
-            log.info("run %s started as Drone build %s (%s)", run.id, number, self.link(number))
+            logs.for_run(log, run.id).info("started as Drone build %s (%s)", number, self.link(number))
         else:
-            log.info("run %s: found its Drone build %s from an earlier attempt", run.id, number)
+            logs.for_run(log, run.id).info("found its Drone build %s from an earlier attempt", number)
         if record is not None:
             record(str(number))
         self._watch(run, number)
@@ -157,7 +158,7 @@ class DroneDispatcher:
                 self._watches[run.id] = _Watch(run.id, 0)
             return
         self._watch(run, int(ref))
-        log.info("run %s: adopted Drone build %s", run.id, ref)
+        logs.for_run(log, run.id).info("adopted Drone build %s", ref)
 
     def active(self) -> set[int]:
         """Return the ids of runs whose Drone build is being watched."""
@@ -174,7 +175,7 @@ class DroneDispatcher:
                 finished = self._poll_one(watch)
             except CcciError as exc:
                 # Drone is down, slow or refusing: the build goes on regardless; look again next poll.
-                log.warning("run %s: polling Drone build %s: %s", watch.run_id, watch.number, exc)
+                logs.for_run(log, watch.run_id).warning("polling Drone build %s: %s", watch.number, exc)
                 continue
             if finished is not None:
                 with self._lock:
@@ -223,16 +224,18 @@ class DroneDispatcher:
         try:
             self._request("DELETE", f"/builds/{watch.number}", what="cancel a build")
         except CcciError as exc:
-            log.warning("run %s: canceling Drone build %s (retried next poll): %s", watch.run_id, watch.number, exc)
+            logs.for_run(log, watch.run_id).warning(
+                "canceling Drone build %s (retried next poll): %s", watch.number, exc
+            )
             return
         watch.cancel_pending = False
-        log.info("run %s: canceled Drone build %s", watch.run_id, watch.number)
+        logs.for_run(log, watch.run_id).info("canceled Drone build %s", watch.number)
 
     def _poll_one(self, watch: _Watch) -> Finished | None:
         if watch.number == 0:
             return Finished(watch.run_id, None, "it had no Drone build number when the worker restarted")
         if not watch.timed_out and time.time() > watch.deadline:
-            log.error("run %s: Drone build %s outlived its deadline; canceling it", watch.run_id, watch.number)
+            logs.for_run(log, watch.run_id).error("Drone build %s outlived its deadline; canceling it", watch.number)
             watch.timed_out = watch.cancel_pending = True
         if watch.cancel_pending:
             self._send_cancel(watch)

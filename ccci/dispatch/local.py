@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import logs
 from ..config import Settings
 from ..doorbell import Doorbell
 from ..harness.applock import probe_and_reap
@@ -136,7 +137,7 @@ class LocalDispatcher:
         except OSError:
             pass  # it died already; its waiter reports it
         threading.Thread(target=self._wait_child, args=(child,), name=f"run-{run.id}", daemon=True).start()
-        log.info("run %s started as pid %s", run.id, proc.pid)
+        logs.for_run(log, run.id).info("started as pid %s", proc.pid)
         return ref
 
     def adopt(self, run: Run) -> None:
@@ -152,7 +153,7 @@ class LocalDispatcher:
                 with self._lock:
                     self._children[run.id] = child
                 threading.Thread(target=self._wait_pidfd, args=(child, pidfd), daemon=True).start()
-                log.info("run %s: adopted its live harness, pid %s", run.id, pid)
+                logs.for_run(log, run.id).info("adopted its live harness, pid %s", pid)
                 return
         threading.Thread(
             target=self._collect, args=(run, "its harness was gone when the worker restarted"), daemon=True
@@ -173,7 +174,7 @@ class LocalDispatcher:
                 f"its harness outlived the run's deadline (RUN_TIMEOUT {self.settings.RUN_TIMEOUT:g} s "
                 f"plus RUN_GRACE {self.settings.RUN_GRACE:g} s) and was killed"
             )
-            log.error("run %s: %s", child.run.id, child.killed)
+            logs.for_run(log, child.run.id).error("%s", child.killed)
             _kill_group(child.pid, signal.SIGKILL)
         with self._lock:
             done, self._finished = self._finished, []
@@ -215,7 +216,7 @@ class LocalDispatcher:
     def _collect(self, run: Run, reason: str) -> None:
         files = RunFiles(self.settings.runs_dir, run.id)
         if files.scrub(Redactor(self.settings.secrets()).redact_bytes):
-            log.warning("run %s: its files held a secret the harness did not know; redacted", run.id)
+            logs.for_run(log, run.id).warning("its files held a secret the harness did not know; redacted")
         report = files.read_report()
         finished = Finished(run.id, report, reason)
         if report is None and not files.has_begun():
@@ -237,7 +238,7 @@ class LocalDispatcher:
         try:
             probe_and_reap(self.settings.LOCK_DIR, lambda holder: reap_app(self.settings, holder), app_domain=domain)
         except Exception as exc:
-            log.exception("run %s: reaping %s failed", run.id, domain)
+            logs.for_run(log, run.id).exception("reaping %s failed", domain)
             left.append(f"the app {domain} ({exc})")
         try:
             sweep_sandboxes(self.settings.runs_dir)

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from .. import logs
 from ..errors import CcciError
 from ..process import process_alive, process_start_time
 
@@ -177,7 +178,7 @@ def acquire_app_lock(
                     continue  # woke on a removed inode: the fresh file is the lock now
                 previous = _read_holder(fd, app_domain)
                 if previous is not None:
-                    log.warning("run %s died holding %s; reaping its app", previous.run_id, app_domain)
+                    logs.for_run(log, previous.run_id).warning("died holding %s; reaping its app", app_domain)
                     reap(previous)
                     unlink_if_current(fd, path)
                     continue  # take a fresh file, never one that still names the dead run
@@ -231,10 +232,12 @@ def probe_and_reap(lock_dir: Path, reap: Reap, *, app_domain: str | None = None)
                 try:
                     reap(holder)
                 except Exception:
-                    log.exception("reaping %s of dead run %s failed; the lock stays", holder.app_domain, holder.run_id)
+                    logs.for_run(log, holder.run_id).exception(
+                        "reaping %s of this dead run failed; the lock stays", holder.app_domain
+                    )
                     continue
                 reaped.append(holder)
-                log.info("reaped %s of dead run %s", holder.app_domain, holder.run_id)
+                logs.for_run(log, holder.run_id).info("reaped %s of this dead run", holder.app_domain)
             unlink_if_current(fd, path)
         finally:
             os.close(fd)

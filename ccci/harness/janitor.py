@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import logs
 from .applock import LockHolder, LockInfo, list_locks, probe_and_reap
 from .sandbox import sweep_sandboxes
 
@@ -98,7 +99,9 @@ class Janitor:
         report.flagged = [info for info in self.locks() if info.possible_leak]
         for info in report.flagged:
             run = info.holder.run_id if info.holder else "unknown"
-            log.warning("possible leak: %s held by run %s: %s (left alone)", info.app_domain, run, info.reason)
+            logs.for_run(log, run).warning(
+                "possible leak: %s held by this run: %s (left alone)", info.app_domain, info.reason
+            )
         return report
 
     def thorough(self) -> SweepReport:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from .. import logs
 from ..config import Settings
 from ..dispatch import EVENT_PREFIX, REPORT_PREFIX
 from ..errors import CcciError, InfraError, PermanentInfraError, RunInterrupted, SpecError
@@ -129,6 +130,7 @@ def execute(
     exits ``EXIT_NOT_STARTED``, and the next worker starts the run again. Either way the report
     is None only then.
     """
+    logs.bind_run(request.run_id)  # this process is this run: every line it logs is about it
     files = RunFiles(settings.runs_dir, request.run_id)
     try:
         guard = install_guard(settings.RUN_TIMEOUT, parent_pid=request.parent_pid)  # first: teardown is certain
@@ -244,7 +246,7 @@ def execute(
     except (SpecError, InfraError) as exc:
         report = _stopped_report(request, "error", redact(str(exc)))
     except Exception:
-        log.exception("run %s: ccci failed", request.run_id)
+        log.exception("ccci failed while running this")
         report = _stopped_report(request, "error", "ccci failed while running this (see the harness log)")
     finally:
         guard.begin_teardown()
@@ -408,4 +410,4 @@ def reap_app(settings: Settings, holder: Any) -> None:
             run=holder.run_id,
             recipe=recipe,
         )
-    log.info("reaped %s of dead run %s: %s", holder.app_domain, holder.run_id, report.status)
+    logs.for_run(log, holder.run_id).info("reaped %s of this dead run: %s", holder.app_domain, report.status)

@@ -5,7 +5,7 @@ returns either a ``CommentEvent`` (a new comment on an open pull request, by som
 than ccci, mentioning the trigger) or ``Ignored`` with a short reason for the webhook's reply.
 A payload that claims to be an ``issue_comment`` but lacks a field ccci relies on, has the
 wrong type for it, or names an owner/repo that is not safe in a URL or a path raises
-``MalformedEvent`` (the view answers 400). Field facts: protocols.md §1.2 and §1.4.
+``MalformedEvent`` (the view answers 400). Field facts: docs/protocols.md §1.2 and §1.4.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The webhook signature: proof that a delivery comes from the forge that knows our secret.
 
 Gitea and Forgejo sign the raw request body with HMAC-SHA256 under the hook's secret and send
-the same digest in several headers (protocols.md §1.1, §1.3)::
+the same digest in several headers (docs/protocols.md §1.1, §1.3)::
 
     X-Gitea-Signature:   <hex>          (Gitea, Forgejo)
     X-Forgejo-Signature: <hex>          (Forgejo)

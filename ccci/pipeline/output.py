@@ -108,7 +108,7 @@ class StreamBuffer:
             if len(self._tail) > tail_keep:
                 self._dropped += len(self._tail) - tail_keep
                 del self._tail[: len(self._tail) - tail_keep]
-            if not self._dropped:  # decoded whole: a character may straddle head and tail
+            if not self._dropped:  # nothing cut: one text, so a character split between head and tail stays whole
                 return redact((self._head + self._tail).decode("utf-8", "replace"))
             head = redact.strip_partial(redact(self._head.decode("utf-8", "replace")), at_end=True)
             tail = redact.strip_partial(redact(self._tail.decode("utf-8", "replace")), at_end=False)

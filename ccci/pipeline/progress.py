@@ -15,9 +15,11 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import TextIO
 
-from .render import EMOJI, duration
+from .render import EMOJI, duration, excerpt
+from .report import Report
 from .scheduler import Event
 
 
@@ -69,13 +71,30 @@ class TerminalProgress:
         elif event.kind == "output" and self.show_output:
             self._print(f"          {event.step} │ {event.text}")
 
-    def summary(self, report) -> None:
-        """Print the final verdict line of ``report``."""
+    def summary(self, report: Report, *, log: Path | None = None, report_file: Path | None = None) -> None:
+        """Print the verdict, why it failed (notes, the failing step's last lines) and where its files are."""
         self._print(
             f"{EMOJI[report.status]} {report.recipe}: {report.status.replace('_', ' ')} "
             f"in {duration(report.total_ms)} ({sum(s.status == 'passed' for s in report.steps)}"
             f"/{len(report.steps)} steps passed)"
         )
+        for note in report.notes:
+            first, *rest = note.rstrip().split("\n")
+            self._print(f"  {first}")
+            for line in rest:
+                self._print(f"    {line}")
+        failing = None if report.passed else report.failing_step()
+        if failing is not None and excerpt(failing):
+            code = "" if failing.exit_code is None else f", exit {failing.exit_code}"
+            self._print(f"  last lines of {failing.name} ({failing.status.replace('_', ' ')}{code}):")
+            for stream, text in excerpt(failing):
+                self._print(f"    {stream}:")
+                for line in text.split("\n"):
+                    self._print(f"      {line}")
+        if log is not None:
+            self._print(f"  log:    {log}")
+        if report_file is not None:
+            self._print(f"  report: {report_file}")
 
     def _print(self, line: str) -> None:
         print(line.rstrip(), file=self.stream, flush=True)

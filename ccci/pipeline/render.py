@@ -1,17 +1,19 @@
 """The PR comment: one Markdown comment per run, edited in place from queued to the final report.
 
 Every version carries the hidden marker ``<!-- ccci:run=<id> -->`` by which the reporter finds
-the comment again. The final version shows the verdict, recipe, short sha and duration, a step
-table (status, duration, metrics), notes, the last lines of the failing step's output in a
-``<details>`` block and a link to the full log. It always fits in ``limit`` characters (the
-forge's comment size is bounded): the failing output is cut from its head, keeping its tail,
-then, if still needed, table rows are dropped. Reports are redacted before they get here.
+the comment again, and links the run page, its log and the tested commit. The final version
+shows the verdict, recipe, short sha and duration, a step table (status, duration, metrics;
+⚠️ for a step allowed to fail that did), notes, and the last lines of the failing step's output
+in a ``<details>`` block (``excerpt``: stderr first). It always fits in ``limit`` characters
+(the forge's comment size is bounded): the failing output is cut from its head, keeping its
+tail, then, if still needed, table rows are dropped. Reports are redacted before they get here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ..names import is_sha
 from .report import Report, StepResult
 
 EMOJI = {
@@ -24,6 +26,7 @@ EMOJI = {
     "queued": "⏳",
     "running": "🔄",
 }
+ALLOWED_FAILURE = "⚠️"  # a step that may fail did: not the run's ❌
 TAIL_LINES = 60
 LIMIT = 60000
 
@@ -51,13 +54,18 @@ def render_comment(
     public_url: str = "",
     tested_sha: str,
     head_sha: str | None = None,
+    repo_url: str = "",
     limit: int = LIMIT,
 ) -> str:
-    """Render the final report comment, always shorter than ``limit`` characters."""
+    """Render the final report comment, always shorter than ``limit`` characters.
+
+    ``repo_url`` is the repository's web page (``forge.repo_web_url``): with it, the tested
+    commit links to its page.
+    """
     head = [
         marker(marker_run_id),
         f"### {EMOJI[report.status]} {report.status.replace('_', ' ')} — `{_cell(report.recipe)}` "
-        f"at `{tested_sha[:10]}` in {duration(report.total_ms)}",
+        f"at {_commit(tested_sha, repo_url)} in {duration(report.total_ms)}",
         "",
     ]
     if head_sha and head_sha != tested_sha:
@@ -67,9 +75,9 @@ def render_comment(
             "",
         ]
     rows = [_row(s) for s in report.steps]
-    foot = [f"- {_cell(n)}" for n in report.notes]
+    foot = [_note(n) for n in report.notes]
     if public_url:
-        foot += ["", f"[Full log]({public_url.rstrip('/')}/runs/{marker_run_id}/log)"]
+        foot += ["", _links(public_url, marker_run_id, "Full log")]
     failing = report.failing_step()
     while True:
         text = _assemble(head, rows, foot, "")
@@ -94,16 +102,18 @@ def render_progress(
     position: int | None = None,
     steps: Iterable[tuple[str, str, int | None]] = (),
     public_url: str = "",
+    repo_url: str = "",
     limit: int = LIMIT,
 ) -> str:
     """Render the comment of a queued (with its position) or running run (with live step states)."""
+    at = _commit(tested_sha, repo_url)
     if state == "queued":
         where = f", position {position} in the queue" if position else ""
-        title = f"### {EMOJI['queued']} queued{where} — `{_cell(recipe)}` at `{tested_sha[:10]}`"
+        title = f"### {EMOJI['queued']} queued{where} — `{_cell(recipe)}` at {at}"
     else:
-        title = f"### {EMOJI['running']} running — `{_cell(recipe)}` at `{tested_sha[:10]}`"
+        title = f"### {EMOJI['running']} running — `{_cell(recipe)}` at {at}"
     rows = [f"| {EMOJI.get(st, '')} | {_cell(n)} | {st.replace('_', ' ')} | {duration(ms)} | |" for n, st, ms in steps]
-    foot = [f"[Live log]({public_url.rstrip('/')}/runs/{marker_run_id}/log)"] if public_url else []
+    foot = [_links(public_url, marker_run_id, "Live log")] if public_url else []
     text = _assemble([marker(marker_run_id), title, ""], rows, foot, "")
     return text if len(text) < limit else text[: limit - 1]
 
@@ -117,16 +127,51 @@ def _assemble(head: list[str], rows: list[str], foot: list[str], details: str) -
     return "\n".join(parts).rstrip() + "\n"
 
 
+def _commit(sha: str, repo_url: str) -> str:
+    """Return the short sha as code, linked to the commit's page when the repository's is known."""
+    short = f"`{sha[:10]}`"
+    return f"[{short}]({repo_url}/commit/{sha})" if repo_url and is_sha(sha) else short
+
+
+def _links(public_url: str, run_id: str | int, log_name: str) -> str:
+    base = f"{public_url.rstrip('/')}/runs/{run_id}"
+    return f"[Run page]({base}) · [{log_name}]({base}/log)"
+
+
 def _row(step: StepResult) -> str:
     metrics = ", ".join(f"{k}={v}" for k, v in step.metrics.items())
-    status = step.status.replace("_", " ") + (" (allowed)" if step.allow_failure and step.status != "passed" else "")
+    allowed = step.allow_failure and step.status != "passed"
+    status = step.status.replace("_", " ") + (" (allowed)" if allowed else "")
+    emoji = ALLOWED_FAILURE if allowed and step.status in ("failed", "timed_out", "error") else EMOJI[step.status]
     when = "" if step.status in ("skipped", "canceled") and not step.duration_ms else duration(step.duration_ms)
-    return f"| {EMOJI[step.status]} | {_cell(step.name)} | {status} | {when} | {_cell(metrics)} |"
+    return f"| {emoji} | {_cell(step.name)} | {status} | {when} | {_cell(metrics)} |"
+
+
+def _note(text: str) -> str:
+    """Render a note as a list item; lines after its first (a YAML caret diagnostic) as code below it."""
+    first, _, rest = text.rstrip().partition("\n")
+    item = f"- {_cell(first)}"
+    if rest.strip():
+        fence = "`" * max(3, _longest_backtick_run(rest) + 1)
+        block = f"{fence}text\n{rest}\n{fence}"
+        item += "\n\n" + "\n".join("  " + line if line else "" for line in block.split("\n"))
+    return item
+
+
+def excerpt(step: StepResult) -> list[tuple[str, str]]:
+    """Return the last lines of a step's output as (stream, text), the real error first.
+
+    stderr comes before stdout: a failing command says why on stderr, and a reader should not
+    have to scroll past a screen of progress output to find it. The PR comment and ``ccci test``
+    show this same excerpt.
+    """
+    streams = (("stderr", step.stderr), ("stdout", step.stdout))
+    return [(name, _tail(text)) for name, text in streams if text.strip()]
 
 
 def _details(step: StepResult, budget: int) -> str:
     code = "" if step.exit_code is None else f", exit {step.exit_code}"
-    parts = [(name, _tail(text)) for name, text in (("stdout", step.stdout), ("stderr", step.stderr)) if text]
+    parts = excerpt(step)
     if not parts:
         return ""
     share = budget // len(parts)

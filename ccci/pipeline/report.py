@@ -1,4 +1,4 @@
-"""The report: what a run did, typed, and serialised exactly as DESIGN.md's report contract.
+"""The report: what a run did, typed, and serialised exactly as the report contract in docs/design.md.
 
     {"run", "recipe", "sha", "status", "passed", "total_ms",
      "steps": [{"name", "status", "exit_code", "duration_ms", "cached", "allow_failure",

@@ -28,7 +28,9 @@ where operators keep secrets — read when the run starts) and an optional ``sec
 Secret values are handed to the redactor and must be at least ``MIN_SECRET`` characters long, so
 that redacting them cannot shred ordinary output.
 
-Rules checked here, each error naming the file, the step and the key: unknown keys, bad types,
+Rules checked here, each error naming the file (as ``<recipe>/ci.yml``, relative to RECIPES_DIR:
+the text is published on the PR, where the server's paths mean nothing), the line and column,
+the step and the key: unknown keys, bad types,
 duplicate step names, ``needs`` naming unknown steps, cycles, ``fork_from`` not among the step's
 ``needs``, teardown steps needing or forking from non-teardown steps, and work steps needing
 teardown steps. Between teardown steps ``needs`` only orders them: a teardown always runs.
@@ -39,13 +41,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import SpecError
+from .yamlfile import at as _at
+from .yamlfile import label_of, read_yaml
+from .yamlfile import mark_of as _mark
 
 DEFAULT_TIMEOUT = 3600.0
 DEFAULT_PARALLELISM = 4
@@ -91,6 +94,8 @@ class Step:
     env: tuple[EnvVar, ...] = ()
     fork_from: str | None = None
     teardown: bool = False
+    # Where each key was written in ci.yml, for errors found after parsing (the graph checks).
+    where: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,11 @@ class Pipeline:
     env: tuple[EnvVar, ...] = ()
     network: bool = False  # process sandbox: share the host's network (abra must reach its servers)
 
+    @property
+    def label(self) -> str:
+        """Return how errors name this file: ``<recipe>/ci.yml``, relative to RECIPES_DIR."""
+        return label_of(self.path)
+
     def step(self, name: str) -> Step:
         """Return the step called ``name``."""
         return next(s for s in self.steps if s.name == name)
@@ -123,108 +133,102 @@ class Pipeline:
         secrets: list[str] = []
         base: dict[str, str] = {}
         for var in self.env:
-            base[var.name] = var.resolve(host_env, f"{self.path}: env")
+            base[var.name] = var.resolve(host_env, f"{self.label}: env")
             if var.secret:
                 secrets.append(base[var.name])
         per_step: dict[str, dict[str, str]] = {}
         for step in self.steps:
             env = dict(base)
             for var in step.env:
-                env[var.name] = var.resolve(host_env, f"{self.path}: step {step.name}")
+                env[var.name] = var.resolve(host_env, f"{self.label}: step {step.name}")
                 if var.secret:
                     secrets.append(env[var.name])
             per_step[step.name] = env
         return per_step, secrets
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses duplicate mapping keys instead of silently keeping the last."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise SpecError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def load_pipeline(path: Path | str) -> Pipeline:
-    """Read and validate the ci.yml at ``path``; raise SpecError naming the file, step and key."""
+    """Read and validate the ci.yml at ``path``; raise SpecError naming the file, line, step and key."""
     path = Path(path)
-    try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader subclass
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
-    except SpecError as exc:
-        raise SpecError(f"{path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
-    return parse_pipeline(data, path)
+    return parse_pipeline(read_yaml(path), path)
 
 
 def parse_pipeline(data: Any, path: Path) -> Pipeline:
     """Validate already-parsed ci.yml data into a Pipeline."""
+    label = label_of(path)
     if not isinstance(data, dict):
-        raise SpecError(f"{path}: the top level must be a mapping with a 'steps' list")
-    _no_unknown(data, _PIPELINE_KEYS, f"{path}")
+        raise SpecError(f"{_at(label, _mark(data))}: the top level must be a mapping with a 'steps' list")
+
+    def at(key: str | None = None) -> str:
+        return _at(label, _mark(data, key))
+
+    _no_unknown(data, _PIPELINE_KEYS, at)
     if not isinstance(data.get("steps"), list) or not data["steps"]:
-        raise SpecError(f"{path}: key 'steps': must be a non-empty list")
-    steps = tuple(_parse_step(raw, i, path) for i, raw in enumerate(data["steps"]))
+        raise SpecError(f"{at('steps')}: key 'steps': must be a non-empty list")
+    items = data["steps"]
+    item_marks = getattr(items, "marks", [None] * len(items))
+    steps = tuple(_parse_step(raw, i, label, item_marks[i]) for i, raw in enumerate(items))
     pipeline = Pipeline(
         path=path,
         steps=steps,
-        timeout=_seconds(data.get("timeout", DEFAULT_TIMEOUT), f"{path}: key 'timeout'"),
-        parallelism=_count(data.get("parallelism", DEFAULT_PARALLELISM), f"{path}: key 'parallelism'"),
-        image=_text(data.get("image"), f"{path}: key 'image'", optional=True),
-        setup=_text(data.get("setup"), f"{path}: key 'setup'", optional=True),
-        env=_env(data.get("env", {}), f"{path}: key 'env'"),
-        network=_flag(data.get("network", False), f"{path}: key 'network'"),
+        timeout=_seconds(data.get("timeout", DEFAULT_TIMEOUT), f"{at('timeout')}: key 'timeout'"),
+        parallelism=_count(data.get("parallelism", DEFAULT_PARALLELISM), f"{at('parallelism')}: key 'parallelism'"),
+        image=_text(data.get("image"), f"{at('image')}: key 'image'", optional=True),
+        setup=_text(data.get("setup"), f"{at('setup')}: key 'setup'", optional=True),
+        env=_env(data.get("env", {}), f"{at('env')}: key 'env'"),
+        network=_flag(data.get("network", False), f"{at('network')}: key 'network'"),
     )
     _check_graph(pipeline)
     return pipeline
 
 
-def _parse_step(raw: Any, index: int, path: Path) -> Step:
+def _parse_step(raw: Any, index: int, label: str, mark: Any) -> Step:
     if not isinstance(raw, dict):
-        raise SpecError(f"{path}: step #{index + 1}: must be a mapping")
+        raise SpecError(f"{_at(label, mark)}: step #{index + 1}: must be a mapping")
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
-        raise SpecError(f"{path}: step #{index + 1}: key 'name': must match [A-Za-z0-9_.-]+, got {name!r}")
-    where = f"{path}: step {name}"
-    _no_unknown(raw, _STEP_KEYS, where)
+        where = f"{_at(label, _mark(raw, 'name') or mark)}: step #{index + 1}"
+        raise SpecError(f"{where}: key 'name': must match [A-Za-z0-9_.-]+, got {name!r}")
+
+    def at(key: str | None = None) -> str:
+        return f"{_at(label, _mark(raw, key) or mark)}: step {name}"
+
+    _no_unknown(raw, _STEP_KEYS, at)
     needs = raw.get("needs", [])
     if isinstance(needs, str):
         needs = [needs]
     if not isinstance(needs, list) or not all(isinstance(n, str) for n in needs):
-        raise SpecError(f"{where}: key 'needs': must be a list of step names")
+        raise SpecError(f"{at('needs')}: key 'needs': must be a list of step names")
     if len(set(needs)) != len(needs):
-        raise SpecError(f"{where}: key 'needs': lists a step twice")
+        raise SpecError(f"{at('needs')}: key 'needs': lists a step twice")
     timeout = raw.get("timeout")
-    teardown = _flag(raw.get("teardown", False), f"{where}: key 'teardown'")
+    teardown = _flag(raw.get("teardown", False), f"{at('teardown')}: key 'teardown'")
     if timeout is None and teardown:
         timeout = TEARDOWN_TIMEOUT
     return Step(
         name=name,
-        run=_text(raw.get("run"), f"{where}: key 'run'"),
+        run=_text(raw.get("run"), f"{at('run')}: key 'run'"),
         needs=tuple(needs),
-        timeout=None if timeout is None else _seconds(timeout, f"{where}: key 'timeout'"),
-        allow_failure=_flag(raw.get("allow_failure", False), f"{where}: key 'allow_failure'"),
-        env=_env(raw.get("env", {}), f"{where}: key 'env'"),
-        fork_from=_text(raw.get("fork_from"), f"{where}: key 'fork_from'", optional=True),
+        timeout=None if timeout is None else _seconds(timeout, f"{at('timeout')}: key 'timeout'"),
+        allow_failure=_flag(raw.get("allow_failure", False), f"{at('allow_failure')}: key 'allow_failure'"),
+        env=_env(raw.get("env", {}), f"{at('env')}: key 'env'"),
+        fork_from=_text(raw.get("fork_from"), f"{at('fork_from')}: key 'fork_from'", optional=True),
         teardown=teardown,
+        where={key: at(key) for key in ("", "name", "needs", "fork_from")},
     )
 
 
 def _check_graph(pipeline: Pipeline) -> None:
+    def at(step: Step, key: str) -> str:
+        return step.where.get(key) or step.where.get("") or f"{pipeline.label}: step {step.name}"
+
     by_name: dict[str, Step] = {}
     for step in pipeline.steps:
         if step.name in by_name:
-            raise SpecError(f"{pipeline.path}: step {step.name}: key 'name': duplicate step name")
+            raise SpecError(f"{at(step, 'name')}: key 'name': duplicate step name")
         by_name[step.name] = step
     for step in pipeline.steps:
-        where = f"{pipeline.path}: step {step.name}"
+        where = at(step, "needs")
         for need in step.needs:
             if need not in by_name:
                 raise SpecError(f"{where}: key 'needs': no step is called {need!r}")
@@ -235,13 +239,14 @@ def _check_graph(pipeline: Pipeline) -> None:
             if step.teardown and not by_name[need].teardown:
                 raise SpecError(f"{where}: key 'needs': a teardown step may only need teardown steps")
         if step.fork_from is not None:
+            where = at(step, "fork_from")
             if step.fork_from not in step.needs:
                 raise SpecError(f"{where}: key 'fork_from': {step.fork_from!r} must also be in needs")
             if step.teardown:
                 raise SpecError(f"{where}: key 'fork_from': teardown steps run in the run's own machine")
     cycle = _find_cycle(by_name)
     if cycle:
-        raise SpecError(f"{pipeline.path}: step {cycle[0]}: key 'needs': cycle {' -> '.join(cycle)}")
+        raise SpecError(f"{at(by_name[cycle[0]], 'needs')}: key 'needs': cycle {' -> '.join(cycle)}")
 
 
 def _find_cycle(by_name: dict[str, Step]) -> list[str]:
@@ -271,10 +276,12 @@ def _find_cycle(by_name: dict[str, Step]) -> list[str]:
     return []
 
 
-def _no_unknown(raw: dict, allowed: set[str], where: str) -> None:
-    unknown = sorted(str(k) for k in raw if k not in allowed)
+def _no_unknown(raw: dict, allowed: set[str], at: Any) -> None:
+    """Refuse the first unknown key; ``at(key)`` says where, or ``at`` is that text already."""
+    unknown = sorted((k for k in raw if k not in allowed), key=str)
     if unknown:
-        raise SpecError(f"{where}: key {unknown[0]!r}: unknown key (allowed: {', '.join(sorted(allowed))})")
+        where = at(unknown[0]) if callable(at) else at
+        raise SpecError(f"{where}: key {str(unknown[0])!r}: unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
 def _text(value: Any, where: str, optional: bool = False) -> str | None:

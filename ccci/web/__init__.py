@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-
 from flask import Flask, current_app
 
+from .. import logs
 from ..config import Settings, load_settings
 from ..doorbell import Doorbell
+from ..forge import repo_web_url
 from ..reporter import Reporter
 from ..store import Store
 
@@ -19,7 +19,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Werkzeug answers 413 itself when a body is larger than this, before any view runs.
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_BODY
     app.extensions["ccci"] = Services(settings)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app.add_template_filter(repo_web_url, "repo_url")  # the run page links back to the PR and commit
+    logs.setup(settings.LOG_LEVEL, settings.LOG_FORMAT)  # gunicorn app:app has no ccci main() to do it
 
     from . import admin, health, hooks, runs
 

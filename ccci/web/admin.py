@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from datetime import UTC, datetime
 from functools import wraps
 
 from flask import Blueprint, Flask, jsonify, request
@@ -56,8 +57,8 @@ def list_runs():
         pr=pr,
         limit=limit,
     )
-    locks = [lock.to_dict() for lock in list_locks(s.settings.LOCK_DIR, s.settings.LOCK_LEAK_AFTER)]
-    return jsonify({"runs": [_summary(r) for r in runs], "locks": locks})
+    locks = [_lock(lock.to_dict()) for lock in list_locks(s.settings.LOCK_DIR, s.settings.LOCK_LEAK_AFTER)]
+    return jsonify({"runs": [summary(r) for r in runs], "locks": locks})
 
 
 @bp.post("/runs/<int:run_id>/cancel")
@@ -86,10 +87,33 @@ def _number(name: str) -> int | None:
     return value
 
 
-def _summary(run) -> dict:
+# Columns SQLite keeps as 0/1 and epoch seconds, shown as booleans and ISO-8601 times.
+FLAGS = ("authorized", "admitted", "cancel_requested")
+TIMES = ("created_at", "started_at", "finished_at")
+
+
+def summary(run) -> dict:
+    """Return a run for people and tools: ISO-8601 times (UTC), booleans, the verdict, no report."""
     data = run.to_dict()
     report = data.pop("report")
     data["passed"] = report.get("passed") if report else None
+    for key in FLAGS:
+        data[key] = bool(data[key])
+    for key in TIMES:
+        data[key] = iso_time(data[key])
+    return data
+
+
+def iso_time(epoch: float | None) -> str | None:
+    """Return epoch seconds as ISO-8601 in UTC (``2026-11-24T10:00:00.123+00:00``), None as None."""
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+
+
+def _lock(data: dict) -> dict:
+    if data.get("holder"):
+        data["holder"] = {**data["holder"], "started_at": iso_time(data["holder"].get("started_at") or None)}
     return data
 
 

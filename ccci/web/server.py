@@ -1,16 +1,20 @@
-"""``python -m ccci serve``: gunicorn serving the app, with the worker as a supervised child.
+"""``ccci serve``: gunicorn serving the app, with the worker as a supervised child.
 
 gunicorn's master forks the web workers; the ccci worker (admission, dispatch, outbox) runs
 as one more child process of this one, started with PDEATHSIG so it never outlives ``serve``,
-and stopped with SIGTERM when gunicorn exits.
+and stopped with SIGTERM when gunicorn exits. The worker starts only once gunicorn listens
+(its ``when_ready`` hook): a ``serve`` that cannot have its address fails before it has swept,
+adopted or started anything. gunicorn's control socket lives in STATE_DIR, one per installation.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,12 +22,34 @@ import time
 from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger
 
+from .. import logs
 from ..config import Settings
+from ..errors import CcciError
 from . import create_app
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
+# gunicorn's access line without a timestamp of its own: ccci's format puts one in front.
+ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms "%(a)s"'
+
+# gunicorn forks its web workers from the main thread while the supervisor's thread may be inside
+# Popen. A web worker forked then inherits Popen's error pipe and holds it open, and Popen waits
+# for that web worker to exit before it returns (the worker seen dead is not restarted for as long).
+# So forks and spawns take turns: every os.fork() of this process waits for a spawn in progress.
+_SPAWNING = threading.RLock()  # reentrant: Popen's own fork (for preexec_fn) runs the same hooks
+os.register_at_fork(before=_SPAWNING.acquire, after_in_parent=_SPAWNING.release, after_in_child=_SPAWNING.release)
+
+
+class GunicornLogger(Logger):
+    """gunicorn's logger writing ccci's line format, so its lines and ccci's read alike."""
+
+    def setup(self, cfg) -> None:
+        """Set gunicorn's handlers up as it does, then give them ccci's formatter."""
+        super().setup(cfg)
+        for handler in (*self.error_log.handlers, *self.access_log.handlers):
+            handler.setFormatter(logs.Formatter())
 
 
 class _Gunicorn(BaseApplication):
@@ -64,17 +90,19 @@ class WorkerSupervisor:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the worker (SIGTERM) and wait for it."""
+        """Stop the worker (SIGTERM) and wait for it; nothing to do if it never started."""
         self._stopping.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
     def _supervise(self) -> None:
         pause = 1.0
         while not self._stopping.is_set():
             started = time.monotonic()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ccci", "worker"], env=self.env, preexec_fn=_die_with_parent
-            )
+            with _SPAWNING:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "ccci", "worker"], env=self.env, preexec_fn=_die_with_parent
+                )
             log.info("worker started as pid %s", self.proc.pid)
             while self.proc.poll() is None and not self._stopping.wait(0.5):
                 pass  # gunicorn's arbiter reaps children too, so poll rather than block in wait()
@@ -108,9 +136,34 @@ def startup_warnings(settings: Settings) -> list[str]:
     return warnings
 
 
+def check_bind(bind: str) -> None:
+    """Refuse, in a sentence, a HOST:PORT something else already listens on."""
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit():
+        raise CcciError(f"serve: --bind {bind!r} is not HOST:PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise CcciError(f"serve: cannot listen on {bind}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise CcciError(
+                    f"serve: {bind} is already in use (another ccci serve?); stop what listens there "
+                    "or pass --bind HOST:PORT"
+                ) from None
+            raise CcciError(f"serve: cannot listen on {bind}: {exc.strerror}") from None
+
+
 def serve(settings: Settings, *, bind: str, workers: int = 2) -> int:
     """Serve until SIGTERM/SIGINT; return 0 after a clean stop."""
     settings.STATE_DIR.mkdir(parents=True, exist_ok=True)
+    check_bind(bind)  # fail in a sentence, not after gunicorn's five retries
     app = create_app(settings)  # validates settings and creates the store before forking
     env = {**os.environ, **settings.to_env()}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
@@ -118,7 +171,10 @@ def serve(settings: Settings, *, bind: str, workers: int = 2) -> int:
     for warning in startup_warnings(settings):
         log.warning("%s", warning)
     supervisor = WorkerSupervisor(env)
-    supervisor.start()
+
+    def when_ready(_arbiter) -> None:  # gunicorn listens: now the worker may start
+        supervisor.start()
+
     log.info("serving on %s", bind)
     try:
         _Gunicorn(app, {
@@ -127,7 +183,17 @@ def serve(settings: Settings, *, bind: str, workers: int = 2) -> int:
             "timeout": 30,
             "graceful_timeout": 30,
             "accesslog": "-",
+            "access_log_format": ACCESS_LOG_FORMAT,
+            "logger_class": GunicornLogger,
+            "loglevel": settings.LOG_LEVEL,
+            "control_socket": str(settings.STATE_DIR / "gunicorn.ctl"),
+            "when_ready": when_ready,
         }).run()  # fmt: skip
+    except SystemExit as exc:  # gunicorn exits when it cannot start; its reason is in the log above
+        if exc.code not in (None, 0):
+            raise CcciError(
+                f"serve: gunicorn could not start on {bind} (exit {exc.code}); see the lines above"
+            ) from None
     finally:
         supervisor.stop()
     return 0

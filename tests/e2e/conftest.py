@@ -35,9 +35,10 @@ OWNER, REPO = "coop-cloud", "hello"
 class CcciServer:
     """``python -m ccci serve`` in its own process group, stopped (and reaped) by ``stop``."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str], log_path: Path, cwd: Path = ROOT):
         self.env = env
         self.log_path = log_path
+        self.cwd = cwd  # where `ccci serve` is started; nothing may depend on it
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -47,7 +48,7 @@ class CcciServer:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ccci", "serve", "--bind", f"127.0.0.1:{self.port}", "--workers", "2"],
-                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + 30
         while True:
@@ -265,4 +266,6 @@ def final_comment(world, number: int, word: str):
 def settled(world) -> None:
     """Wait until ccci has delivered everything it meant to say to the forge."""
     metrics = world.ccci.url + "/metrics"
-    wait_until(lambda: "ccci_outbox_backlog 0\n" in requests.get(metrics, timeout=10).text, what="the outbox to drain")
+    wait_until(
+        lambda: "ccci_outbox_backlog 0.0\n" in requests.get(metrics, timeout=10).text, what="the outbox to drain"
+    )

@@ -206,8 +206,10 @@ def test_a_pull_request_the_forge_does_not_know_ends_in_one_error_report(make_wo
     run_id = world.deliver(payload).json()["run"]
     run = final_state(world, run_id, timeout=30)
     assert run["state"] == "error" and "not found" in run["note"] and "404" in run["note"]
-    settled(world)
+    settled(world)  # nothing left to say on a PR that does not exist (Gitea would answer 500 for ever)
     assert len(world.gitea.api_calls("GET", r"/pulls/63$")) == 1  # asked once, not for ever
+    page = requests.get(f"{world.ccci.url}/runs/{run_id}", headers={"Accept": "application/json"}, timeout=10)
+    assert "not found" in page.json()["report"]["notes"][0]
 
 
 def test_a_head_sha_that_is_not_a_commit_id_ends_in_one_error_report(make_world):

@@ -43,6 +43,13 @@ def test_testme_runs_the_pinned_sha_and_reports_once(make_world):
     assert f"HEAD is {sha}" in checkout["stdout"]
     log = requests.get(f"{world.ccci.url}/runs/{body['run']}/log", timeout=10).text
     assert "[deploy] deployed hello" in log
+    # The maintainer's way around: comment -> run page and commit, run page -> PR and commit.
+    repo_page = world.gitea.clone_url(OWNER, REPO).removesuffix(".git")
+    run_page = f"http://ccci.example.test/runs/{body['run']}"
+    assert f"[Run page]({run_page})" in status_comment.body and f"[Full log]({run_page}/log)" in status_comment.body
+    assert f"]({repo_page}/commit/{sha})" in status_comment.body
+    html = requests.get(f"{world.ccci.url}/runs/{body['run']}", timeout=10).text
+    assert f'href="{repo_page}/pulls/7"' in html and f'href="{repo_page}/commit/{sha}"' in html
 
 
 def test_the_same_comment_delivered_twice_makes_one_run(make_world):

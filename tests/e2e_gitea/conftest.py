@@ -183,7 +183,7 @@ class GiteaWorld:
     def settled(self, timeout: float = 60) -> None:
         """Wait until ccci has delivered everything it meant to say to Gitea."""
         metrics = self.ccci.url + "/metrics"
-        self.until(lambda: "ccci_outbox_backlog 0\n" in requests.get(metrics, timeout=10).text, "the outbox", timeout)
+        self.until(lambda: "ccci_outbox_backlog 0.0\n" in requests.get(metrics, timeout=10).text, "the outbox", timeout)
 
 
 @pytest.fixture

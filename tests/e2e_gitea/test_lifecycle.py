@@ -64,7 +64,7 @@ def test_a_push_during_the_run_is_reported_as_stale(gitea_world):
     world.until(lambda: world.admin.pull(world.org, REPO, pr)["head"]["sha"] == newer, "Gitea to move the PR head")
     world.release(run)
     final = world.bot_comment_saying(pr, "passed")
-    assert "Stale" in final["body"] and newer[:10] in final["body"] and f"at `{sha[:10]}`" in final["body"]
+    assert "Stale" in final["body"] and newer[:10] in final["body"] and f"at [`{sha[:10]}`]" in final["body"]
     assert world.run_json(run)["report"]["sha"] == sha
     # The statuses belong to the commit that was tested, not to the new head.
     world.status_becomes(sha, "success")

@@ -48,7 +48,7 @@ def test_a_pr_from_a_fork_tests_the_fork_head(gitea_world):
 
     run = world.run_of(world.comment(pr, "!testme"))
     final = world.bot_comment_saying(pr, "passed")
-    assert f"at `{sha[:10]}`" in final["body"]
+    assert f"at [`{sha[:10]}`]" in final["body"]
     report = world.run_json(run)["report"]
     assert report["sha"] == sha
     checkout = next(s for s in report["steps"] if s["name"] == "checkout")

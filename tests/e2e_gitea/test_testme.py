@@ -41,7 +41,7 @@ def test_testme_runs_the_pr_head_and_reports_in_one_comment(gitea_world):
     assert _deduplicated(verdicts) == ["queued", "running", "passed"], verdicts
 
     head = world.admin.pull(world.org, REPO, pr)["head"]["sha"]
-    assert head == sha and f"at `{head[:10]}`" in final["body"]
+    assert head == sha and f"at [`{head[:10]}`]" in final["body"]
     statuses = world.status_becomes(sha, "success")
     assert statuses[0]["status"] == "pending" and statuses[-1]["status"] == "success", statuses
     assert {s["context"] for s in statuses} == {"ccci/testme"}

@@ -1,7 +1,7 @@
 """The fake world tests build around ccci: webhook payloads, signed headers, a forge, git repos.
 
 ``load_payload`` and ``sign`` produce deliveries byte-for-byte like the ones Gitea and Forgejo
-send (protocols.md §1.1, §1.3); ``FakeGitea`` (tests/fakes/gitea.py) answers ccci's API calls
+send (docs/protocols.md §1.1, §1.3); ``FakeGitea`` (tests/fakes/gitea.py) answers ccci's API calls
 and serves clones; ``tests/fakes/gitrepo.py`` builds real recipe repositories.
 """
 

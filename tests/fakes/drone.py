@@ -1,6 +1,6 @@
 """FakeDrone: a real HTTP server on 127.0.0.1 that answers like Drone 2.x and runs builds like its exec runner.
 
-The API part follows protocols.md §3 (``handler/api/api.go`` routes, ``core/build.go``,
+The API part follows docs/protocols.md §3 (``handler/api/api.go`` routes, ``core/build.go``,
 ``core/stage.go``, ``core/step.go`` shapes, ``core/status.go`` values)::
 
     POST   /api/repos/{owner}/{name}/builds?branch=…&KEY=VAL   200 Build (pending, custom), or 200 ``null``

@@ -1,7 +1,7 @@
 """FakeGitea: a real HTTP server on 127.0.0.1 that answers like Gitea's API v1 and serves git.
 
 Only what ccci calls is implemented, in Gitea's documented shapes and status codes
-(protocols.md §2); everything else is a 404. The fake keeps state (pull requests, comments
+(docs/protocols.md §2); everything else is a 404. The fake keeps state (pull requests, comments
 with their edit history, reactions, commit statuses, org members), records every request as
 a ``Call``, and wakes ``wait_for`` on each one — tests wait on a condition, never sleep.
 

@@ -84,3 +84,39 @@ def test_terminal_progress_prints_a_line_per_start_and_finish(tmp_path):
     assert sum("▶" in line for line in lines) == 5 and sum("passed" in line for line in lines) == 6
     assert lines[-1].startswith("✅ hello: passed") and "5/5 steps passed" in lines[-1]
     assert not any("│" in line for line in lines)  # not a TTY: no output echo
+
+
+def test_a_multi_line_note_keeps_its_lines_in_a_code_block():
+    first = "hello/ci.yml, line 3, column 14: not valid YAML: mapping values are not allowed here"
+    note = first + "\n        run: echo: x\n                 ^"
+    report = Report(run=2, recipe="hello", sha=SHA, status="error", total_ms=5, notes=[note])
+    text = render_comment(report, marker_run_id=2, tested_sha=SHA)
+    assert f"- {first}\n\n  ```text\n" in text
+    assert "\n          run: echo: x\n                   ^\n  ```" in text  # indented under the item, caret kept
+
+
+def test_the_comment_links_the_run_page_the_log_and_the_commit():
+    repo = "https://git.example/coop-cloud/hello"
+    text = render_comment(report_with("x"), marker_run_id=9, public_url="https://ci.example", tested_sha=SHA,
+                          repo_url=repo)  # fmt: skip
+    assert f"at [`0123456789`]({repo}/commit/{SHA}) in 2.5 s" in text
+    assert "[Run page](https://ci.example/runs/9) · [Full log](https://ci.example/runs/9/log)" in text
+    queued = render_progress("queued", marker_run_id=9, recipe="hello", tested_sha=SHA, public_url="https://ci.example",
+                             repo_url=repo)  # fmt: skip
+    assert f"[`0123456789`]({repo}/commit/{SHA})" in queued and "[Run page](https://ci.example/runs/9)" in queued
+    # Before the sha is pinned there is no commit to link.
+    early = render_progress("queued", marker_run_id=9, recipe="hello", tested_sha="PR head", repo_url=repo)
+    assert "`PR head`" in early and "/commit/" not in early
+
+
+def test_a_step_allowed_to_fail_that_failed_shows_a_warning_not_a_failure():
+    steps = [StepResult("lint", "failed", 1, 10, allow_failure=True), StepResult("deploy", "failed", 2, 10)]
+    report = Report(run=3, recipe="hello", sha=SHA, status="failed", total_ms=20, steps=steps)
+    text = render_comment(report, marker_run_id=3, tested_sha=SHA)
+    assert "| ⚠️ | lint | failed (allowed) |" in text and "| ❌ | deploy | failed |" in text
+
+
+def test_the_failing_steps_excerpt_shows_the_error_before_the_output():
+    out = "".join(f"progress {i}\n" for i in range(100))
+    text = render_comment(report_with(out), marker_run_id=9, tested_sha=SHA)
+    assert text.index("stderr:") < text.index("boom") < text.index("stdout:") < text.index("progress 99")

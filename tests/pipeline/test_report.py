@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from ccci.pipeline.output import StreamBuffer, parse_metric
@@ -73,6 +73,7 @@ def test_metrics_are_parsed_from_metric_lines_only():
     assert buf.metrics == {"a": 1, "b": 2.25}  # 'a' was in the cut middle, 'b' had no newline
 
 
+@example(data=b"\xc2\x80", limit=2, chunk=1)  # a character split across head and tail, nothing cut
 @given(st.binary(max_size=5000), st.integers(min_value=2, max_value=800), st.integers(1, 50))
 def test_bounded_output_keeps_head_and_tail_within_limit(data, limit, chunk):
     buf = StreamBuffer(limit)

@@ -107,16 +107,47 @@ BAD = [
 
 
 @pytest.mark.parametrize(("text", "message"), [(t, m) for _, t, m in BAD], ids=[i for i, _, _ in BAD])
-def test_mistakes_are_refused_naming_file_step_and_key(tmp_path, text, message):
+def test_mistakes_are_refused_naming_file_line_step_and_key(tmp_path, text, message):
     path = write(tmp_path, text)
     with pytest.raises(SpecError) as info:
         load_pipeline(path)
-    assert str(path) in str(info.value)
+    # The text is published on the PR: the file as <recipe>/ci.yml, never the server's path.
+    assert str(info.value).startswith(f"{tmp_path.name}/ci.yml, line ")
+    assert str(tmp_path) not in str(info.value) and "<unicode string>" not in str(info.value)
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("steps:\n  - name: a\n    run: true\n    needz: [b]\n", "line 4, column 5: step a: key 'needz'"),
+        ("steps:\n  - {name: a, run: x, needs: [ghost]}\n", "line 2, column 23: step a: key 'needs'"),
+        ("steps:\n  - name: a\n    run: x\n    run: y\n", "line 4, column 5: duplicate key 'run'"),
+        ("timeout: soon\nsteps:\n  - {name: a, run: x}\n", "line 1, column 1: key 'timeout'"),
+        ("steps:\n  - {name: a, run: x}\n  - 7\n", "line 3, column 5: step #2: must be a mapping"),
+    ],
+)
+def test_errors_point_at_the_line_and_column(tmp_path, text, where):
+    recipe = tmp_path / "hello"
+    recipe.mkdir()
+    with pytest.raises(SpecError) as info:
+        load_pipeline(write(recipe, text))
+    assert str(info.value).startswith(f"hello/ci.yml, {where}")
+
+
+def test_a_yaml_syntax_error_keeps_its_caret_diagnostic_on_lines_of_its_own(tmp_path):
+    recipe = tmp_path / "hello"
+    recipe.mkdir()
+    with pytest.raises(SpecError) as info:
+        load_pipeline(write(recipe, "steps:\n  - name: a\n    run: echo: x\n"))
+    first, snippet, caret = str(info.value).split("\n")
+    assert first == "hello/ci.yml, line 3, column 14: not valid YAML: mapping values are not allowed here"
+    assert snippet.strip() == "run: echo: x" and caret.strip() == "^"
+    assert caret.index("^") == snippet.index(": x")  # under the offending colon
+
+
 def test_an_unreadable_file_is_a_spec_error(tmp_path):
-    with pytest.raises(SpecError, match="cannot read"):
+    with pytest.raises(SpecError, match=f"^{tmp_path.name}/missing.yml: cannot read"):
         load_pipeline(tmp_path / "missing.yml")
 
 
