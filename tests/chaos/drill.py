@@ -26,12 +26,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import requests
 
-from .heartbeats import concurrent_apps_seen
+from . import heartbeats
 from .invariants import INVARIANTS, Checker, write_json
 from .killer import Killer
 from .targets import processes_mentioning, serve_tree, wait_gone
@@ -80,7 +81,7 @@ def _drill(args: argparse.Namespace, world: ChaosWorld, traffic: Traffic, killer
     talker = threading.Thread(target=traffic.run, args=(stop_traffic,), name="traffic")
     talker.start()
     try:
-        _wait_for(lambda: concurrent_apps_seen(world.apps), WARM_UP)  # the check itself comes later
+        _wait_for(lambda: heartbeats.concurrent_apps_seen(world.apps), WARM_UP)  # the check itself comes later
         say(f"warm: runs of different apps are running at once ({time.monotonic() - t0:.0f} s); killing")
         progress = threading.Thread(target=_progress, args=(killer, traffic, args.kills, t0), daemon=True)
         progress.start()
@@ -95,7 +96,7 @@ def _drill(args: argparse.Namespace, world: ChaosWorld, traffic: Traffic, killer
     settle_s = time.monotonic() - t0 - kill_s
     say(f"settled in {settle_s:.0f} s" if not active else f"did not settle: {len(active)} run(s) still active")
     swept = world.ccci("sweep")
-    tree = serve_tree(world.serve.pid, world.token)
+    tree = serve_tree(world.serve.pid, world.token, world.gitea.url)
     live = {t.pid for t in tree if t.kind in ("master", "web", "worker")} | {os.getpid()}
     runs = world.runs()
     findings = Checker(world, traffic, runs, live).check()
@@ -111,9 +112,13 @@ def _drill(args: argparse.Namespace, world: ChaosWorld, traffic: Traffic, killer
     if traffic.unanswered:
         drill_errors.append(f"{len(traffic.unanswered)} deliveries were never answered")
     log = world.log_path.read_text(errors="replace")
+    spans = heartbeats.step_spans(heartbeats.read_beats(world.apps))
+    landed = Counter(k.kind for k in killer.kills if heartbeats.mid_step(k.wall, spans, k.run))
     return {
         "kills": killer.counts(),
         "kills_total": len(killer.kills),
+        "kills_mid_step": {kind: landed.get(kind, 0) for kind in killer.counts()},
+        "kills_of_strays": sum(1 for k in killer.kills if k.stray),
         "kill_phase_s": round(kill_s, 1),
         "settle_s": round(settle_s, 1),
         "serve_restarts": killer.restarts,
@@ -187,7 +192,11 @@ def _print_summary(s: dict, killer: Killer) -> None:
     kills = ", ".join(f"{k} {n}" for k, n in s.get("kills", {}).items())
     print(f"\nccci chaos drill — seed {s['seed']}, wall time {s['wall_s']:.0f} s "
           f"(kills {s.get('kill_phase_s', 0):.0f} s, settling {s.get('settle_s', 0):.0f} s)")  # fmt: skip
-    print(f"  kills:       {s.get('kills_total', 0)} SIGKILLs — {kills}")
+    mid = ", ".join(f"{k} {n}" for k, n in s.get("kills_mid_step", {}).items())
+    print(f"  kills:       {s.get('kills_total', 0)} SIGKILLs — {kills}; of them {s.get('kills_of_strays', 0)} of "
+          f"harnesses (or their steps) whose worker had died")  # fmt: skip
+    print(f"  mid-step:    kills that landed while a step was running (of the killed run, for harness and step): "
+          f"{mid}")  # fmt: skip
     print(f"  restarts:    serve {s.get('serve_restarts', 0)} (web workers of dead masters stopped: "
           f"{s.get('web_workers_of_dead_masters_stopped', 0)}), ccci worker starts logged "
           f"{s.get('worker_starts_logged', 0)}")  # fmt: skip

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TEARDOWN_STEPS = ("undeploy",)
+TICK_SLACK = 0.5  # seconds: a beat is due every 0.2 s, later on a loaded machine
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,25 @@ def steps_run_twice(beats: dict[str, list[Beat]]) -> list[str]:
         for (app, run, step), n in sorted(nonces.items())
         if len(n) > 1
     ]
+
+
+def step_spans(beats: dict[str, list[Beat]]) -> list[tuple[str, float, float]]:
+    """Return (run, first, last) of every execution of a step, from its heartbeats."""
+    spans: dict[str, list] = {}
+    for rows in beats.values():
+        for b in rows:
+            span = spans.setdefault(b.nonce, [b.run, b.at, b.at])
+            span[1], span[2] = min(span[1], b.at), max(span[2], b.at)
+    return [(run, first, last) for run, first, last in spans.values()]
+
+
+def mid_step(at: float, spans: list[tuple[str, float, float]], run: str = "") -> bool:
+    """Tell whether a step (of ``run``, or of any run) was executing at epoch time ``at``.
+
+    A step beats every 0.2 s, so one killed between two beats has its last beat just before
+    ``at``: it counts as executing until ``TICK_SLACK`` after its last beat.
+    """
+    return any(first <= at <= last + TICK_SLACK and (not run or r == run) for r, first, last in spans)
 
 
 def concurrent_apps_seen(apps_dir: Path) -> bool:

@@ -27,7 +27,9 @@ class Kill:
     kind: str
     pid: int
     run: str
+    stray: bool  # a harness (or its step) whose worker had died
     at: float  # seconds since the drill started
+    wall: float  # epoch seconds, to compare with the steps' heartbeats
 
 
 class Killer:
@@ -63,7 +65,7 @@ class Killer:
             self.unexpected.append(f"ccci serve (pid {serve.pid}) exited with {serve.proc.returncode} on its own")
             self._restart([])
             return False
-        tree = serve_tree(serve.pid, self.world.token)
+        tree = serve_tree(serve.pid, self.world.token, self.world.gitea.url)
         present = {t.kind for t in tree}
         if not present:
             return False
@@ -73,7 +75,8 @@ class Killer:
         target = self.rng.choice([t for t in tree if t.kind == kind])
         if not sigkill(target):
             return False  # it ended on its own in the meantime
-        self.kills.append(Kill(kind, target.pid, target.run, round(time.monotonic() - self.t0, 3)))
+        self.kills.append(Kill(kind, target.pid, target.run, target.stray, round(time.monotonic() - self.t0, 3),
+                               time.time()))  # fmt: skip
         if kind == "master":
             self.old_workers += [t for t in tree if t.kind == "worker"]
             self._restart([t for t in tree if t.kind == "web"])

@@ -11,6 +11,11 @@ A child belongs to the thread that forked it, so children are read from every th
 ``/proc/<pid>/task/<tid>/children``. A target is named by its pid *and* start time, and killed
 through a pidfd opened after that start time was checked again: a pid reused between finding
 and killing is never hit.
+
+A harness whose worker died is no longer in the tree (it was reparented): it tears its run down
+on its own, and the next worker adopts it. Such strays — a harness of this drill's forge that is
+not below the current worker — are targets too, so that a kill can also land in a teardown
+nobody supervises any more.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class Target:
     pid: int
     start: int
     run: str = ""  # the run id, for a harness and the steps below it
+    stray: bool = False  # a harness (or its step) outside the tree: its worker died
 
 
 def children(pid: int) -> list[int]:
@@ -60,8 +66,11 @@ def argv(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]]
 
 
-def serve_tree(master: int, token: str) -> list[Target]:
-    """Return the live, classified processes of the serve tree rooted at ``master``."""
+def serve_tree(master: int, token: str, forge_url: str = "") -> list[Target]:
+    """Return the live, classified processes of the serve tree rooted at ``master``.
+
+    With ``forge_url``, stray harnesses of runs of that forge (and their steps) are added.
+    """
     start = process_start_time(master)
     if start is None:
         return []
@@ -73,13 +82,23 @@ def serve_tree(master: int, token: str) -> list[Target]:
             continue
         if _is_ccci(args, "worker"):
             found.append(Target("worker", pid, started))
-            found += _below(pid, token, run="")
+            found += _below(pid, token, run="", stray=False)
         else:
             found.append(Target("web", pid, started))
+    if forge_url:
+        known = {t.pid for t in found}
+        for pid in _pids():
+            args = argv(pid)
+            started = process_start_time(pid)
+            mine = _option(args, "--clone-url").startswith(forge_url.rstrip("/") + "/")
+            if pid in known or started is None or not _is_ccci(args, "run") or not mine:
+                continue
+            run = _option(args, "--run-id")
+            found += [Target("harness", pid, started, run, stray=True), *_below(pid, token, run, stray=True)]
     return found
 
 
-def _below(parent: int, token: str, run: str) -> list[Target]:
+def _below(parent: int, token: str, run: str, stray: bool) -> list[Target]:
     """Return the harnesses and step shells among the descendants of ``parent``."""
     found: list[Target] = []
     for pid in children(parent):
@@ -90,11 +109,15 @@ def _below(parent: int, token: str, run: str) -> list[Target]:
         own_run = run
         if _is_ccci(args, "run"):
             own_run = _option(args, "--run-id")
-            found.append(Target("harness", pid, started, own_run))
+            found.append(Target("harness", pid, started, own_run, stray))
         elif len(args) >= 3 and args[0] == "/bin/sh" and args[1] == "-c" and token in args[2]:
-            found.append(Target("step", pid, started, own_run))
-        found += _below(pid, token, own_run)
+            found.append(Target("step", pid, started, own_run, stray))
+        found += _below(pid, token, own_run, stray)
     return found
+
+
+def _pids() -> list[int]:
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
 
 
 def _is_ccci(args: list[str], command: str) -> bool:
@@ -147,11 +170,9 @@ def wait_gone(target: Target, timeout: float) -> bool:
 def processes_mentioning(needles: list[str], under: Path, exclude: set[int]) -> list[tuple[int, str]]:
     """Return (pid, command line) of every process whose command line holds a needle or whose cwd is under ``under``."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in exclude:
-            continue
-        pid = int(entry.name)
-        if process_start_time(pid) is None:
+    for pid in _pids():
+        entry = Path(f"/proc/{pid}")
+        if pid in exclude or process_start_time(pid) is None:
             continue  # gone, or a zombie its parent has yet to collect
         line = " ".join(argv(pid))
         try:

@@ -232,7 +232,7 @@ class ChaosWorld:
             d.chmod(0o1777)  # steps write here as SANDBOX_USER
         self.gitea.start()
         _quiet_hang_ups(self.gitea)
-        self.needles = [str(self.root), self.gitea.url, self.token]
+        self.needles = [f"{self.root}/", f"{self.gitea.url}/", self.token]  # "/": no other port or dir
         for recipe in RECIPES:
             self.repos[recipe] = make_recipe_repo(self.root / "git", owner=OWNER, name=recipe,
                                                   files={"README.md": f"{recipe} recipe\n"})  # fmt: skip
