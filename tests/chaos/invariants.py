@@ -194,7 +194,10 @@ class Checker:
         runs_dir = w.state_dir / "runs"
         bad += [f"sandbox left: {p}" for p in sorted(runs_dir.glob("*/abra"))]
         bad += [f"sandbox owner file left: {p}" for p in sorted(runs_dir.glob("*/sandbox-owner.json"))]
-        bad += [f"reaper sandbox left: {p}" for p in sorted(runs_dir.glob("reap-*"))]
+        for p in sorted(runs_dir.glob("reap-*")):  # a reaper's temporary run directory (harness.run.reap_app)
+            inside = sorted(str(c.relative_to(p)) for c in p.iterdir())
+            bad.append(f"reaper's run directory left: {p} ({', '.join(inside) if inside else 'empty'}); "
+                       f"the process reaping there was killed, and no sweep removes it")  # fmt: skip
         forks = vm_dir(w.state_dir)
         if forks.is_dir():
             bad += [f"VM fork file left: {p}" for p in sorted(forks.iterdir()) if TAG.match(p.name)]
