@@ -1,6 +1,6 @@
 """The chaos drill: ccci under random SIGKILLs, then every invariant of DESIGN.md checked.
 
-    make chaos                                    # 200 kills, about 15 minutes
+    make chaos                                    # 200 kills, about 8 minutes
     .venv/bin/python -m tests.chaos.drill --kills 20 --seed 7 --keep
 
 It serves ccci for real (``python -m ccci serve``: gunicorn and the worker, EXECUTOR=local, the
