@@ -208,7 +208,8 @@ def _print_summary(s: dict, killer: Killer) -> None:
     print(f"  found:       duplicates {s.get('duplicates_found', 0)}, leaks {s.get('leaks_found', 0)}, "
           f"malformed refused {s.get('malformed_refused', 0)}/{sum(t.get('malformed', {}).values())}, "
           f"same-app holdings {s.get('holdings', 0)}, cross-app overlaps {s.get('cross_app_overlaps', 0)}, "
-          f"places searched for secrets {s.get('places_searched', 0)}")  # fmt: skip
+          f"places searched for secrets {s.get('places_searched', 0)} (the step's secret redacted in "
+          f"{s.get('logs_showing_the_redacted_step_secret', 0)} run logs)")  # fmt: skip
     print(f"  sweep after settling: {_sweep_line(s.get('sweep'))}")
     for what in s.get("unexpected_serve_exits", []):
         print(f"  note: {what}")
