@@ -26,4 +26,7 @@ bench: ## run the benchmarks (results under bench/results/)
 soak: ## the VM leak soak (slow; not in the default suite)
 	$(PY) -m pytest -m soak tests/vm
 
-.PHONY: help install serve test lint format bench soak
+chaos: install ## the chaos drill: 200 random SIGKILLs, then every invariant checked (slow; CHAOS_ARGS=--help)
+	$(PY) -m tests.chaos.drill $(CHAOS_ARGS)
+
+.PHONY: help install serve test lint format bench soak chaos
