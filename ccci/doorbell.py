@@ -17,6 +17,7 @@ class Doorbell:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._sock: socket.socket | None = None
+        self._bound = 0  # the inode of the socket this doorbell bound
 
     def ring(self) -> None:
         """Wake the worker, if one is listening."""
@@ -36,6 +37,7 @@ class Doorbell:
             pass
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind(str(self.path))
+        self._bound = os.stat(self.path).st_ino
 
     def wait(self, timeout: float) -> bool:
         """Wait until rung or ``timeout`` passes; drain pending rings; True if rung."""
@@ -58,7 +60,9 @@ class Doorbell:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+            # A worker that stops late must not unlink the socket its successor has bound since.
             try:
-                os.unlink(self.path)
+                if os.stat(self.path).st_ino == self._bound:
+                    os.unlink(self.path)
             except FileNotFoundError:
                 pass

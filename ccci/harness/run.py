@@ -41,7 +41,7 @@ from .artifacts import collect as collect_artifacts
 from .checkout import checkout_pull, copy_source, head_commit
 from .janitor import Janitor
 from .lifetime import install_guard
-from .sandbox import RunSandbox
+from .sandbox import RunSandbox, reaper_prefix
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +391,7 @@ def reap_app(settings: Settings, holder: Any) -> None:
     settings.runs_dir.mkdir(parents=True, exist_ok=True)
     # The reaper's own sandbox lives in a temporary run directory, gone with everything in it.
     with (
-        tempfile.TemporaryDirectory(prefix=f"reap-{holder.run_id}-", dir=settings.runs_dir) as workdir,
+        tempfile.TemporaryDirectory(prefix=reaper_prefix(holder.run_id), dir=settings.runs_dir) as workdir,
         RunSandbox(Path(workdir), settings.ABRA_HOME, recipe) as box,
     ):
         env = {

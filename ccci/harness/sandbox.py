@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from ..errors import CcciError
 from ..names import is_recipe
-from ..process import process_start_time
+from ..process import process_alive, process_start_time
 from .applock import fd_is_current, try_flock, unlink_if_current
 
 log = logging.getLogger(__name__)
@@ -140,11 +141,24 @@ class RunSandbox:
             os.close(fd)
 
 
+REAPER = re.compile(r"^reap-[^/]*-(?P<pid>\d+)-(?P<start>\d+)-")
+
+
+def reaper_prefix(run_id: str | int) -> str:
+    """Return the name prefix of the temporary run directory a reaper of run ``run_id`` works in.
+
+    It names the reaping process (pid and start time), so that a sweep can remove the whole
+    directory of one that was killed mid-reap, and never that of one still at work.
+    """
+    pid = os.getpid()
+    return f"reap-{run_id}-{pid}-{process_start_time(pid) or 0}-"
+
+
 def sweep_sandboxes(runs_dir: Path) -> list[Path]:
     """Remove the sandboxes of dead owners under ``runs_dir``; return the removed ABRA_DIRs.
 
     A live owner's sandbox and a kept one are never touched; the run directories (logs,
-    reports) stay.
+    reports) stay — except a dead reaper's temporary run directory, which holds nothing else.
     """
     removed = []
     for owner in sorted(runs_dir.glob("*/" + OWNER)) if runs_dir.is_dir() else []:
@@ -167,6 +181,12 @@ def sweep_sandboxes(runs_dir: Path) -> list[Path]:
             log.exception("could not remove the sandbox under %s", owner.parent)
         finally:
             os.close(fd)
+    for reaper in sorted(runs_dir.glob("reap-*")) if runs_dir.is_dir() else []:
+        m = REAPER.match(reaper.name)
+        if m and not process_alive(int(m["pid"]), int(m["start"]) or None) and not (reaper / OWNER).exists():
+            remove_tree(reaper)
+            removed.append(reaper)
+            log.info("removed the run directory %s of a reaper that was killed", reaper)
     return removed
 
 

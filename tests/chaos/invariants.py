@@ -197,7 +197,7 @@ class Checker:
         for p in sorted(runs_dir.glob("reap-*")):  # a reaper's temporary run directory (harness.run.reap_app)
             inside = sorted(str(c.relative_to(p)) for c in p.iterdir())
             bad.append(f"reaper's run directory left: {p} ({', '.join(inside) if inside else 'empty'}); "
-                       f"the process reaping there was killed, and no sweep removes it")  # fmt: skip
+                       f"the process reaping there was killed, and the sweep left it")  # fmt: skip
         forks = vm_dir(w.state_dir)
         if forks.is_dir():
             bad += [f"VM fork file left: {p}" for p in sorted(forks.iterdir()) if TAG.match(p.name)]

@@ -149,3 +149,20 @@ def test_the_sweep_removes_a_dead_owners_sandbox_and_never_a_live_ones(helpers, 
     live.send("leave")
     assert live.wait() == 0
     assert sweep_sandboxes(runs) == []  # a clean leave left nothing to sweep
+
+
+def test_a_killed_reapers_run_directory_is_swept_and_a_live_ones_is_not(tmp_path):
+    import subprocess
+
+    from ccci.harness.sandbox import reaper_prefix
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    live = runs / (reaper_prefix(7) + "abc")  # this process, still at work
+    live.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    gone = runs / f"reap-8-{dead.pid}-12345-xyz"  # a reaper SIGKILLed mid-reap
+    (gone / "abra" / "recipes").mkdir(parents=True)
+    sweep_sandboxes(runs)
+    assert live.exists() and not gone.exists()
