@@ -55,11 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_worker)
 
     p = sub.add_parser("run", help="the harness: execute one run (used by the worker and by Drone)")
-    p.add_argument("--run-id", default=os.environ.get("CCCI_RUN"), help="run id (env CCCI_RUN)")
-    p.add_argument("--recipe", default=os.environ.get("CCCI_RECIPE"), help="recipe name (env CCCI_RECIPE)")
-    p.add_argument("--clone-url", default=os.environ.get("CCCI_CLONE_URL"), help="recipe repository URL")
-    p.add_argument("--pr", type=int, default=os.environ.get("CCCI_PR"), help="pull request number")
-    p.add_argument("--sha", default=os.environ.get("CCCI_SHA"), help="the commit to test (40 hex)")
+    # Each defaults to Drone's build parameter of the same meaning (harness/request.py).
+    p.add_argument("--run-id", help="run id (env CCCI_RUN)")
+    p.add_argument("--recipe", help="recipe name (env CCCI_RECIPE)")
+    p.add_argument("--clone-url", help="recipe repository URL (env CCCI_CLONE_URL)")
+    p.add_argument("--pr", help="pull request number (env CCCI_PR)")
+    p.add_argument("--sha", help="the commit to test, 40 or 64 hex (env CCCI_SHA)")
     p.add_argument("--private", action="store_true", help="the repository is private: clone with the forge token")
     p.add_argument("--parent-pid", type=int, help="the process that started the run; it ends when that one dies")
     p.add_argument("--gate", action="store_true", help="wait for 'start' on stdin before touching anything")
@@ -127,31 +128,20 @@ def cmd_worker(settings, args) -> int:
 
 def cmd_run(settings, args) -> int:
     """Execute one run through the harness; exit 0 iff it passed (142 timed out, 143 canceled)."""
-    from .harness.run import RunRequest, execute
+    from .harness.request import RunRequest
+    from .harness.run import execute
 
-    missing = [n for n in ("run_id", "recipe", "clone_url", "pr", "sha") if getattr(args, n) in (None, "")]
-    if missing:
-        raise CcciError(f"run: missing {', '.join('--' + m.replace('_', '-') for m in missing)}")
-    request = RunRequest.checked(
-        run_id=args.run_id,
-        recipe=args.recipe,
-        clone_url=args.clone_url,
-        pr=args.pr,
-        sha=args.sha,
-        private=args.private,
-        parent_pid=args.parent_pid,
-        gate=args.gate,
-    )
+    request = RunRequest.from_args(args, os.environ)
     _report, code = execute(settings, request, echo=sys.stdout)
     return code
 
 
 def cmd_test(settings, args) -> int:
     """Run a recipe's CI on a local checkout and print the report."""
-    from .harness.run import RunRequest, execute
+    from .harness.request import RunRequest
+    from .harness.run import execute
+    from .harness.runfiles import RunFiles
     from .pipeline.progress import TerminalProgress
-    from .pipeline.report import Report
-    from .runfiles import RunFiles
 
     recipe_arg = Path(args.recipe)
     if recipe_arg.is_dir() and (recipe_arg / "ci.yml").is_file():
@@ -166,14 +156,14 @@ def cmd_test(settings, args) -> int:
         raise CcciError(
             f"test: refusing to copy {source} as the recipe checkout; run it in the checkout or pass --source DIR"
         )
-    request = RunRequest.checked(run_id=f"local-{os.getpid()}", recipe=recipe, source=source, ci_file=ci_file)
+    request = RunRequest(run_id=f"local-{os.getpid()}", recipe=recipe, source=source, ci_file=ci_file)
     printer = TerminalProgress(sys.stderr)
     report, code = execute(settings, request, on_event=printer)
     assert report is not None  # only a gated harness ends without one
     files = RunFiles(settings.runs_dir, request.run_id)
-    printer.summary(Report.from_dict(report), log=files.log, report_file=files.report)
+    printer.summary(report, log=files.log, report_file=files.report)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report.to_dict(), indent=2))
     return code
 
 

@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 
 from .errors import ConfigError
 from .logs import FORMATS, LEVELS
+from .names import is_app_domain, is_login, is_repo_name
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,6 @@ _CHOICES = {
     "LOG_LEVEL": LEVELS,
     "LOG_FORMAT": FORMATS,
 }
-_LOGIN = re.compile(r"^[A-Za-z0-9_.-]+$")
 _WHOLE = re.compile(r"^[+-]?[0-9]+$")
 _DURATION = re.compile(r"^(?:(?P<d>[0-9]+)d)?(?:(?P<h>[0-9]+)h)?(?:(?P<m>[0-9]+)m)?(?:(?P<s>[0-9]+)s)?$")
 _UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -373,20 +373,21 @@ def _validated(s: Settings) -> Settings:
     for key in ("LOCK_WAIT", "RUN_GRACE"):
         if getattr(s, key) < 0:
             raise ConfigError(key, "must not be negative")
-    if s.SANDBOX_USER in ("root", "0") or not _LOGIN.fullmatch(s.SANDBOX_USER):
+    if s.SANDBOX_USER in ("root", "0") or not is_login(s.SANDBOX_USER):
         raise ConfigError("SANDBOX_USER", f"must be a user other than root, got {s.SANDBOX_USER!r}")
     if not s.TRIGGER.startswith("!") or any(c.isspace() for c in s.TRIGGER) or len(s.TRIGGER) < 2:
         raise ConfigError("TRIGGER", f"must be one word starting with '!', got {s.TRIGGER!r}")
     for key in ("ALLOWED_USERS", "ALLOWED_ORGS"):
         for login in getattr(s, key):
-            if not _LOGIN.fullmatch(login):
+            if not is_login(login):
                 raise ConfigError(key, f"{login!r} is not a forge login")
-    if s.DRONE_REPO and not re.fullmatch(r"[\w.-]+/[\w.-]+", s.DRONE_REPO):
+    owner, slash, name = s.DRONE_REPO.partition("/")
+    if s.DRONE_REPO and not (slash and is_repo_name(owner) and is_repo_name(name)):
         raise ConfigError("DRONE_REPO", f"must be owner/name, got {s.DRONE_REPO!r}")
     if s.DISPATCH == "drone":
         for key in ("DRONE_URL", "DRONE_TOKEN", "DRONE_REPO"):
             if not getattr(s, key):
                 raise ConfigError(key, "is required when DISPATCH is drone")
-    if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", s.DOMAIN):
+    if not is_app_domain(s.DOMAIN):
         raise ConfigError("DOMAIN", f"must be a DNS name, got {s.DOMAIN!r}")
     return s

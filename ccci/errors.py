@@ -5,8 +5,16 @@ CcciError
 ├── SpecError            a recipe's ci.yml is invalid; fix the file, nothing ran
 ├── InfraError           the infrastructure could not run the work (not the recipe's fault)
 │   ├── TransientInfraError   may succeed if tried again (VM restore, agent not ready, forge 5xx)
+│   │   └── QmpError          QEMU's monitor refused or failed a command (vm/qmp.py)
 │   └── PermanentInfraError   will fail the same way again (missing image, bad kernel)
-└── ForgeError           the forge refused or failed a request
+├── ForgeError           the forge refused or failed a request; ``transient`` says whether to retry
+├── AppBusy              the app stayed locked by another run past LOCK_WAIT (harness/applock.py)
+└── Stopped              code that waited saw the run's stop request and gave up (pipeline/stop.py)
+
+Outside the tree, on purpose: ``MalformedEvent`` (a ValueError of intake/event.py: the webhook
+answers 400), and the guest agent's ``AgentLost`` and ``AgentRefused`` (vm/agent.py), which the
+QEMU executor turns into infrastructure errors before they leave it. A stop request is never an
+exception thrown from a signal handler: signals set the run's stop switch (harness/lifetime.py).
 """
 
 
@@ -50,19 +58,3 @@ class ForgeError(CcciError):
         super().__init__(message)
         self.status = status
         self.transient = transient
-
-
-class RunInterrupted(BaseException):
-    """The run must stop now: canceled (SIGTERM/SIGINT, exit 143/130) or out of time (exit 142).
-
-    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it. The
-    harness' lifetime guard raises it from a signal handler in the main thread; the pipeline
-    scheduler absorbs it, stops in-flight steps, runs the teardown steps and reports the run
-    with ``status``; the harness then exits with ``exit_code``.
-    """
-
-    def __init__(self, status: str, exit_code: int, reason: str = ""):
-        super().__init__(reason or status)
-        self.status = status  # "canceled" | "timed_out"
-        self.exit_code = exit_code
-        self.reason = reason

@@ -18,7 +18,6 @@ never in a URL, an error message or a log line.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -29,13 +28,13 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from .errors import ForgeError
+from .names import is_sha
 
 log = logging.getLogger(__name__)
 
 STATUS_STATES = ("pending", "success", "error", "failure", "warning")
 # How a forge request can fail: not reached, too slow, refused (4xx), rate limited, broken (5xx), nonsense.
 ERROR_KINDS = ("unreachable", "timeout", "client_error", "rate_limited", "server_error", "bad_response")
-_SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")  # SHA-1, or SHA-256 object format
 
 
 @dataclass(frozen=True)
@@ -166,7 +165,7 @@ class GiteaClient:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise self._bad(f"GET pull {owner}/{repo}#{number}: unexpected response ({exc!r})") from None
-        if not _SHA.match(pull.head_sha):
+        if not is_sha(pull.head_sha):
             raise self._bad(f"GET pull {owner}/{repo}#{number}: head sha {pull.head_sha[:80]!r} is not a sha")
         return pull
 
@@ -219,7 +218,7 @@ class GiteaClient:
         """Set commit status ``context`` of ``sha``; the latest status per context wins."""
         if state not in STATUS_STATES:
             raise ValueError(f"status state must be one of {', '.join(STATUS_STATES)}, not {state!r}")
-        if not _SHA.match(sha):
+        if not is_sha(sha):
             raise ValueError(f"{sha[:80]!r} is not a commit sha")
         path = f"/repos/{_seg(owner)}/{_seg(repo)}/statuses/{sha}"
         body = {"state": state, "description": description, "target_url": target_url, "context": context}
@@ -227,7 +226,7 @@ class GiteaClient:
 
     def latest_status(self, owner: str, repo: str, sha: str, context: str) -> dict[str, Any] | None:
         """Return the newest status of ``context`` on ``sha``, from the combined status (latest per context)."""
-        if not _SHA.match(sha):
+        if not is_sha(sha):
             raise ValueError(f"{sha[:80]!r} is not a commit sha")
         path = f"/repos/{_seg(owner)}/{_seg(repo)}/commits/{sha}/status"
         data = self._json("GET", path)

@@ -12,10 +12,9 @@ from typing import Any
 
 from .config import Settings
 from .forge import repo_web_url
-from .pipeline.progress import StepBoard
+from .pipeline.events import Event, StepBoard
 from .pipeline.render import marker, render_comment, render_progress
 from .pipeline.report import Report
-from .pipeline.scheduler import Event
 from .store import Run, Store
 
 STATUS_CONTEXT = "ccci/testme"
@@ -97,14 +96,8 @@ class Reporter:
     def running(self, run: Run, events: list[dict[str, Any]]) -> None:
         """Show the run's live step states, and which run holds the app while it waits."""
         board = StepBoard()
-        waiting = ""
         for data in events:
-            if data.get("kind") == "waiting":
-                waiting = data.get("text", "")
-                continue
-            if data.get("kind") in ("queued", "started", "finished"):
-                board.update(Event(**data))
-                waiting = ""
+            board.update(Event.from_dict(data))
         body = render_progress(
             "running",
             marker_run_id=run.id,
@@ -114,13 +107,13 @@ class Reporter:
             public_url=self.settings.PUBLIC_URL,
             repo_url=self.repo_url(run),
         )
-        if waiting:
-            body += f"\n\n⏸️ {waiting}; this run starts when it is free."
+        if board.waiting:
+            body += f"\n\n⏸️ {board.waiting}; this run starts when it is free."
         self.comment(run, body)
 
-    def final(self, run: Run, report: dict[str, Any], head_sha: str | None) -> None:
+    def final(self, run: Run, report: Report, head_sha: str | None) -> None:
         """Edit the comment into the final report and set the final commit status."""
-        typed = Report.from_dict(report)
+        typed = Report.from_dict(report.to_dict())  # a copy: the note below is for the comment only
         if run.canceled_by and typed.status == "canceled":
             typed.notes.insert(0, f"canceled by {run.canceled_by}")
         body = render_comment(

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from ccci.config import load_settings
-from ccci.dispatch import EVENT_PREFIX, REPORT_PREFIX
 from ccci.dispatch.drone import DroneDispatcher
 from ccci.errors import CcciError, ConfigError, TransientInfraError
-from ccci.runfiles import RunFiles
+from ccci.harness.runfiles import RunFiles
+from ccci.harness.wire import EVENT_PREFIX, REPORT_PREFIX
+from ccci.pipeline.report import Report
 from ccci.store import Run
 from tests.fakes.drone import FakeDrone
 
@@ -182,7 +183,7 @@ def test_a_build_moves_pending_running_terminal_and_finishes_once_with_its_repor
     drone.append_log(1, f"[deploy] done\n{REPORT_PREFIX}{json.dumps(report_of(7, verdict))}\n")
     drone.set_status(1, status)
     [finished] = dispatcher.poll()
-    assert finished.run_id == 7 and finished.report == report_of(7, verdict)
+    assert finished.run_id == 7 and finished.report == Report.from_dict(report_of(7, verdict))
     assert files.log.read_text().endswith("[deploy] deploying\n[deploy] done\n")
     assert files.read_report() == report_of(7, verdict)
     assert dispatcher.poll() == [] and dispatcher.active() == set()
@@ -216,7 +217,7 @@ def test_the_last_report_line_wins_and_split_lines_are_joined(drone, dispatcher,
     drone.append_log(1, f"{REPORT_PREFIX}{json.dumps(report_of(4, 'canceled'))}")  # last, unterminated
     drone.set_status(1, "killed")
     [finished] = dispatcher.poll()
-    assert finished.report == report_of(4, "canceled")
+    assert finished.report == Report.from_dict(report_of(4, "canceled"))
     assert (
         not RunFiles(settings.runs_dir, 4).log.exists()
         or "::ccci" not in RunFiles(settings.runs_dir, 4).log.read_text()
@@ -234,7 +235,7 @@ def test_drone_down_during_a_poll_finishes_nothing_and_the_next_poll_recovers(dr
     assert dispatcher.active() == {5} and "503" in caplog.text and drone.token not in caplog.text
     drone.set_down(False)
     [finished] = dispatcher.poll()
-    assert finished.report == report_of(5)
+    assert finished.report == Report.from_dict(report_of(5))
 
 
 def test_a_build_that_vanished_finishes_with_a_reason(drone, dispatcher):
@@ -294,7 +295,7 @@ def test_a_restarted_worker_adopts_the_build_and_reads_its_log_onward(drone, set
         after.adopt(make_run(11, dispatch_ref=ref))
         assert after.active() == {11}
         [finished] = after.poll()
-    assert finished.report == report_of(11)
+    assert finished.report == Report.from_dict(report_of(11))
     assert RunFiles(settings.runs_dir, 11).log.read_text() == "line one\nline two\nline three\n"
 
 

@@ -127,7 +127,7 @@ def test_unknown_arguments_get_a_usage_reply_once(client):
 
 
 def test_run_artifacts_are_served_and_paths_cannot_escape(client, tmp_path):
-    from ccci.runfiles import RunFiles
+    from ccci.harness.runfiles import RunFiles
 
     store = store_of(client)
     _, run = store.claim_comment(owner="o", repo="hello", comment_id=9, action="test",

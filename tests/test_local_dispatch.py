@@ -47,10 +47,12 @@ def record(ref):
 
 dispatcher = LocalDispatcher(settings)
 dispatcher.start(run, record)
+finished = []
 while dispatcher.active():
-    dispatcher.poll()
+    finished += dispatcher.poll()
     import time; time.sleep(0.05)
-print(json.dumps([f.__dict__ for f in dispatcher.poll()]))
+done = finished + dispatcher.poll()
+print(json.dumps([{**f.__dict__, "report": f.report.to_dict() if f.report else None} for f in done]))
 """
 
 

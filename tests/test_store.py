@@ -108,7 +108,7 @@ def test_a_transaction_commits_all_or_nothing(tmp_path):
 
 
 def test_events_are_read_incrementally_and_a_half_written_line_waits(tmp_path):
-    from ccci.runfiles import RunFiles
+    from ccci.harness.runfiles import RunFiles
 
     files = RunFiles(tmp_path, 3)
     files.create()

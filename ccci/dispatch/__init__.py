@@ -8,17 +8,12 @@ directory (``RunFiles``) and also prints them on stdout as ``::ccci-event <json>
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
-from ..runfiles import RunFiles
+from ..pipeline.report import Report
 from ..store import Run
-
-EVENT_PREFIX = "::ccci-event "
-REPORT_PREFIX = "::ccci-report "
 
 
 @dataclass
@@ -26,7 +21,7 @@ class Finished:
     """A run whose harness ended: its report if one came back, else why not."""
 
     run_id: int
-    report: dict[str, Any] | None
+    report: Report | None
     reason: str = ""  # when report is None: what happened instead (exit status, build state)
     requeue: bool = False  # no report, and no step ever ran: the run may simply start again
     timed_out: bool = False  # the dispatcher killed it past its hard deadline
@@ -66,39 +61,3 @@ class Dispatcher(Protocol):
     def sweep(self) -> str:
         """Free what dead runs left where this dispatcher runs them; return a summary for the log."""
         ...
-
-
-def parse_harness_line(line: str) -> tuple[str, dict[str, Any]] | None:
-    """Parse a ``::ccci-event``/``::ccci-report`` line into ("event" | "report", data)."""
-    for prefix, kind in ((EVENT_PREFIX, "event"), (REPORT_PREFIX, "report")):
-        if line.startswith(prefix):
-            try:
-                data = json.loads(line[len(prefix) :])
-            except json.JSONDecodeError:
-                return None
-            return (kind, data) if isinstance(data, dict) else None
-    return None
-
-
-class ProgressReader:
-    """Follows each run's ``events.jsonl``, reading only what was appended since the last look.
-
-    The worker asks for a running run's progress on every pass; rereading and reparsing the
-    whole file each time would grow with the run's length.
-    """
-
-    def __init__(self, runs_dir: Path):
-        self.runs_dir = runs_dir
-        self._seen: dict[int, tuple[list[dict[str, Any]], int]] = {}  # run id -> (events, bytes read)
-
-    def progress(self, run_id: int) -> list[dict[str, Any]]:
-        """Return the run's progress events so far."""
-        events, offset = self._seen.get(run_id, ([], 0))
-        new, offset = RunFiles(self.runs_dir, run_id).read_events_from(offset)
-        events = events + new if new else events
-        self._seen[run_id] = (events, offset)
-        return events
-
-    def forget(self, run_id: int) -> None:
-        """Drop what is remembered of a finished run."""
-        self._seen.pop(run_id, None)

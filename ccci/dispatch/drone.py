@@ -36,18 +36,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
 import requests
 
 from .. import logs
 from ..config import Settings
 from ..errors import CcciError, ConfigError, PermanentInfraError, TransientInfraError
-from ..names import is_recipe, is_sha
+from ..harness.request import RunRequest
+from ..harness.runfiles import RunFiles
+from ..harness.wire import ProgressReader, parse_harness_line, report_from
 from ..pipeline.redact import Redactor
-from ..runfiles import RunFiles
 from ..store import Run
-from . import Finished, ProgressReader, parse_harness_line
+from . import Finished
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,6 @@ POSITION_FILE = "drone.json"  # in the run's directory: which build, and how far
 MISSING = object()  # what _request returns for a 404 it was told to expect
 
 POSITIVE = re.compile(r"^[1-9][0-9]{0,17}$")
-# A clone URL reaches a shell on the runner: only characters no shell gives a meaning to.
-URL_CHARS = re.compile(r"^[A-Za-z0-9._~:/%+-]+$")
 
 
 @dataclass
@@ -252,7 +250,7 @@ class DroneDispatcher:
         if not terminal:
             return None
         if watch.report is not None:
-            return Finished(watch.run_id, watch.report, f"the Drone build ended {status}")
+            return Finished(watch.run_id, report_from(watch.report), f"the Drone build ended {status}")
         why = f": {build['error']}" if build.get("error") else ""
         reason = f"the Drone build {self.link(watch.number)} ended {status} without a report{why}"
         if watch.timed_out:
@@ -352,27 +350,10 @@ class DroneDispatcher:
 
 def build_params(run: Run) -> dict[str, str]:
     """Return the build parameters of ``run``, refusing any value that could not pass safely."""
-    problems = []
-    run_id, pr, recipe, sha, url = str(run.id), str(run.pr), run.recipe or "", run.sha or "", run.clone_url or ""
-    if isinstance(run.id, bool) or not POSITIVE.fullmatch(run_id):
-        problems.append(f"run id {run_id!r} is not a positive integer")
-    if isinstance(run.pr, bool) or not POSITIVE.fullmatch(pr):
-        problems.append(f"pull request {pr!r} is not a positive integer")
-    if not is_recipe(recipe):
-        problems.append(f"recipe {recipe!r} is not a recipe name (lowercase letters, digits, . _ -)")
-    if not is_sha(sha):
-        problems.append(f"sha {sha!r} is not a 40-hex commit id")
-    parsed = urlparse(url)
-    if (
-        parsed.scheme not in ("http", "https")
-        or not parsed.hostname
-        or "@" in parsed.netloc  # credentials would show in Drone's build page
-        or not URL_CHARS.fullmatch(url)
-    ):
-        problems.append(f"clone URL {url!r} is not a plain http(s) URL")
-    if problems:
-        raise CcciError(f"run {run_id} was not sent to Drone: " + "; ".join(problems))
-    return {"CCCI_RUN": run_id, "CCCI_RECIPE": recipe, "CCCI_CLONE_URL": url, "CCCI_PR": pr, "CCCI_SHA": sha}
+    try:
+        return RunRequest.from_run(run).to_params()
+    except CcciError as exc:
+        raise CcciError(f"run {run.id} was not sent to Drone: {exc}") from None
 
 
 def _harness_step(build: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:

@@ -41,13 +41,15 @@ from .. import logs
 from ..config import Settings
 from ..doorbell import Doorbell
 from ..harness.applock import probe_and_reap
+from ..harness.request import RunRequest
 from ..harness.run import app_domain, make_janitor, needs_forge_token, reap_app
+from ..harness.runfiles import RunFiles
 from ..harness.sandbox import sweep_sandboxes
+from ..harness.wire import ProgressReader, report_from
 from ..pipeline.redact import Redactor
 from ..process import process_start_time
-from ..runfiles import RunFiles
 from ..store import Run
-from . import Finished, ProgressReader
+from . import Finished
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -78,17 +80,9 @@ class LocalDispatcher:
         self._lock = threading.Lock()
 
     def harness_argv(self, run: Run) -> list[str]:
-        """Return the command line that runs the harness for ``run``."""
-        return [
-            sys.executable, "-m", "ccci", "run",
-            "--run-id", str(run.id),
-            "--recipe", run.recipe,
-            "--clone-url", run.clone_url,
-            "--pr", str(run.pr),
-            "--sha", str(run.sha),
-            "--parent-pid", str(os.getpid()),
-            "--gate",
-        ] + (["--private"] if run.private else [])  # fmt: skip
+        """Return the command line that runs the harness for ``run`` (its parent: this process; gated)."""
+        request = RunRequest.from_run(run, parent_pid=os.getpid(), gate=True)
+        return [sys.executable, "-m", "ccci", "run", *request.to_argv()]
 
     def harness_env(self, run: Run) -> dict[str, str]:
         """Return the harness' environment: ccci's settings without the secrets a run does not need.
@@ -217,7 +211,7 @@ class LocalDispatcher:
         files = RunFiles(self.settings.runs_dir, run.id)
         if files.scrub(Redactor(self.settings.secrets()).redact_bytes):
             logs.for_run(log, run.id).warning("its files held a secret the harness did not know; redacted")
-        report = files.read_report()
+        report = report_from(files.read_report())
         finished = Finished(run.id, report, reason)
         if report is None and not files.has_begun():
             finished.requeue = True  # nothing ran: the run can simply start again

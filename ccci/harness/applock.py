@@ -20,8 +20,7 @@ A clean release removes the file too, so a file without a live holder always mea
 Waiting polls ``flock(LOCK_NB)`` with a backoff from 20 ms to 250 ms rather than blocking in
 ``flock``: a blocking flock cannot be given a time limit without a second timer signal (SIGALRM
 is the run's deadline), and the waiter rereads the holder anyway to report changes. The sleep
-between polls is interrupted at once by the lifetime guard's signals, so a canceled run stops
-waiting promptly.
+between polls is a wait on the run's stop switch, so a canceled run stops waiting at once.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -38,11 +36,12 @@ from pathlib import Path
 
 from .. import logs
 from ..errors import CcciError
+from ..names import is_app_domain
+from ..pipeline.stop import Stop
 from ..process import process_alive, process_start_time
 
 log = logging.getLogger(__name__)
 
-DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 POLL_FIRST, POLL_MAX = 0.02, 0.25  # seconds between LOCK_NB attempts while waiting
 SUFFIX = ".lock"
 
@@ -119,7 +118,7 @@ class LockInfo:
 
 
 class HeldLock:
-    """A held app lock. Call it to release: the file is removed, then the flock dropped."""
+    """A held app lock. Call it (or leave its ``with``) to release: the file is removed, then the flock dropped."""
 
     def __init__(self, fd: int, path: Path, holder: LockHolder, waited: float):
         self.fd: int | None = fd
@@ -137,10 +136,16 @@ class HeldLock:
         finally:
             os.close(fd)
 
+    def __enter__(self) -> HeldLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self()
+
 
 def lock_path(lock_dir: Path, app_domain: str) -> Path:
     """Return the lock file of ``app_domain``; refuse a name that is not a plain DNS name."""
-    if not DOMAIN.fullmatch(app_domain):
+    if not is_app_domain(app_domain):
         raise ValueError(f"{app_domain!r} is not an app domain (lowercase DNS name)")
     return lock_dir / (app_domain + SUFFIX)
 
@@ -154,13 +159,14 @@ def acquire_app_lock(
     reap: Reap,
     on_wait: Callable[[LockHolder | None], None] | None = None,
     trigger: str = "!testme",
+    stop: Stop | None = None,
 ) -> HeldLock:
     """Take the lock of ``app_domain`` for ``holder``, waiting up to ``wait`` seconds; return its release.
 
     ``on_wait(holder)`` is called when the wait begins (with the current holder, or None if it
     cannot be read yet) and again whenever the holder changes. A lock left by a dead holder is
     reaped first with ``reap(dead_holder)`` while held, then this run takes a fresh file.
-    Raises AppBusy when the wait runs out; RunInterrupted from the guard stops the wait at once.
+    Raises AppBusy when the wait runs out, and ``Stopped`` as soon as ``stop`` is requested.
     """
     if holder.app_domain != app_domain:
         raise ValueError(f"holder is for {holder.app_domain}, not {app_domain}")
@@ -201,7 +207,10 @@ def acquire_app_lock(
         remaining = wait - (time.monotonic() - start)
         if remaining <= 0:
             raise AppBusy(app_domain, reported, time.monotonic() - start, trigger)
-        time.sleep(min(delay, remaining))
+        if stop is None:
+            time.sleep(min(delay, remaining))
+        elif stop.wait(min(delay, remaining)):
+            stop.check()
         delay = min(delay * 2, POLL_MAX)
 
 

@@ -11,19 +11,27 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import PermanentInfraError, TransientInfraError
 from ..names import is_sha
+from ..pipeline.stop import Stop
 
 GIT_TIMEOUT = 300
+STOP_POLL = 0.1  # seconds between looks at the run's stop switch while git works
 
 
-def checkout_pull(clone_url: str, pr: int, sha: str, dest: Path, *, forge_url: str = "", token: str = "") -> None:
-    """Fetch ``refs/pull/<pr>/head`` from ``clone_url`` into ``dest`` and check out ``sha``."""
+def checkout_pull(
+    clone_url: str, pr: int, sha: str, dest: Path, *, forge_url: str = "", token: str = "", stop: Stop | None = None
+) -> None:
+    """Fetch ``refs/pull/<pr>/head`` from ``clone_url`` into ``dest`` and check out ``sha``.
+
+    A stop requested while git fetches kills it and raises ``Stopped``.
+    """
     if not is_sha(sha):
-        raise PermanentInfraError(f"refusing to check out {sha!r}: not a 40-hex commit id")
+        raise PermanentInfraError(f"refusing to check out {sha!r}: not a commit id (40-hex, or 64-hex for SHA-256)")
     dest.mkdir(parents=True, exist_ok=True)
     env = _git_env(clone_url, forge_url, token)
     _git(["init", "-q", str(dest)], env)
@@ -33,6 +41,7 @@ def checkout_pull(clone_url: str, pr: int, sha: str, dest: Path, *, forge_url: s
         env,
         what=f"fetching {ref} from {_safe_url(clone_url)}",
         transient=True,
+        stop=stop,
     )
     try:
         _git(["-C", str(dest), "checkout", "-q", "--detach", sha], env)
@@ -78,16 +87,28 @@ def _git_env(clone_url: str, forge_url: str, token: str) -> dict[str, str]:
     return env
 
 
-def _git(args: list[str], env: dict[str, str], *, what: str = "", transient: bool = False) -> str:
-    try:
-        proc = subprocess.run(["git", *args], env=env, capture_output=True, text=True, timeout=GIT_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise TransientInfraError(f"git timed out while {what or ' '.join(args[:3])}") from None
+def _git(
+    args: list[str], env: dict[str, str], *, what: str = "", transient: bool = False, stop: Stop | None = None
+) -> str:
+    what = what or " ".join(args[:3])
+    proc = subprocess.Popen(["git", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + GIT_TIMEOUT
+    while True:
+        try:
+            stdout, stderr = proc.communicate(timeout=STOP_POLL)
+            break
+        except subprocess.TimeoutExpired:
+            if (stop is not None and stop.is_set()) or time.monotonic() > deadline:
+                proc.kill()
+                proc.communicate()
+                if stop is not None:
+                    stop.check()
+                raise TransientInfraError(f"git timed out while {what}") from None
     if proc.returncode != 0:
         error = TransientInfraError if transient else PermanentInfraError
-        detail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        raise error(f"git failed while {what or ' '.join(args[:3])}: {detail[0]}")
-    return proc.stdout
+        detail = stderr.strip().splitlines()[-1:] or ["(no output)"]
+        raise error(f"git failed while {what}: {detail[0]}")
+    return stdout
 
 
 def _safe_url(url: str) -> str:

@@ -1,12 +1,19 @@
 """One run, end to end — the same code under the local worker, under Drone and for ``ccci test``.
 
-    lifetime guard (first) ─▶ quick janitor ─▶ load ci.yml ─▶ sandbox (per-run ABRA_DIR)
-      ─▶ checkout of the pinned sha ─▶ app lock ─▶ pipeline (steps, then teardown steps)
-      ─▶ release the lock ─▶ remove the sandbox ─▶ thorough janitor ─▶ report.json
+    lifetime guard ▸ [the start gate] ▸ the run's directory and log
+      ▸ sandbox (per-run ABRA_DIR) ▸ checkout of the pinned sha ▸ app lock ▸ executor ▸ pipeline
+      ◂ lock released ◂ sandbox removed                  (one ExitStack, in reverse, on every path)
+    ▸ verdict_of ▸ report.json ▸ guard uninstalled
 
-Teardown happens in ``finally`` blocks on every path: a failed checkout, a busy app, SIGTERM
-(canceled, exit 143), the deadline (timed out, exit 142), or the parent's death. The verdict
-of a run that never reached its pipeline is decided here, in ``_stopped_report``.
+Resources nest: each is entered in that order and left in reverse order whatever happens — a
+failed checkout, a busy app, a cancel (SIGTERM, exit 143), the deadline (exit 142), the
+starter's death. Signals only set the guard's stop switch; every phase that waits watches it
+(``pipeline/stop.py``), and the pipeline's teardown steps are shielded from it.
+
+The run's final status is decided in one place, ``verdict_of``: the pipeline's own report when
+it ran (with a stop that came during teardown noted), else the stop, the failure that kept the
+pipeline from running, or a bug. A run reaps only its own app (a dead holder of its lock, in
+``acquire_app_lock``); what other dead runs left is the worker's periodic sweep, or ``ccci sweep``.
 """
 
 from __future__ import annotations
@@ -14,73 +21,54 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
+import select
 import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from .. import logs
 from ..config import Settings
-from ..dispatch import EVENT_PREFIX, REPORT_PREFIX
-from ..errors import CcciError, InfraError, PermanentInfraError, RunInterrupted, SpecError
-from ..names import is_recipe, is_sha
+from ..errors import InfraError, PermanentInfraError, SpecError
+from ..names import is_recipe
+from ..pipeline.events import Event
 from ..pipeline.redact import Redactor
 from ..pipeline.report import Report
-from ..pipeline.scheduler import Event, run_pipeline
+from ..pipeline.scheduler import run_pipeline
 from ..pipeline.spec import Pipeline, load_pipeline
-from ..runfiles import RunFiles
+from ..pipeline.stop import Stopped, StopRequest
 from ..vm.choose import choose_executor
 from ..vm.process import Confinement, ProcessExecutor
 from .applock import AppBusy, LockHolder, acquire_app_lock
 from .artifacts import collect as collect_artifacts
 from .checkout import checkout_pull, copy_source, head_commit
 from .janitor import Janitor
-from .lifetime import install_guard
+from .lifetime import LifetimeGuard, install_guard
+from .request import RunRequest
+from .runfiles import RunFiles
 from .sandbox import RunSandbox, reaper_prefix
+from .wire import event_line, report_line
 
 log = logging.getLogger(__name__)
 
-RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-@dataclass(frozen=True)
-class RunRequest:
-    """What one run tests: a recipe at a pinned commit (from a forge) or a local checkout."""
-
-    run_id: str
-    recipe: str
-    clone_url: str = ""
-    pr: int = 0
-    sha: str = ""
-    source: Path | None = None  # ``ccci test``: copy this directory instead of cloning
-    ci_file: Path | None = None  # ``ccci test <dir>``: this ci.yml instead of RECIPES_DIR's
-    parent_pid: int | None = None  # who started the harness; the run ends if it dies
-    gate: bool = False  # wait for "start" on stdin: the starter records the run's dispatch first
-    private: bool = False  # the repository is private: the checkout sends the forge token
-
-    @classmethod
-    def checked(cls, **fields: Any) -> RunRequest:
-        """Build a request, refusing values that could escape a path or a command line."""
-        request = cls(**{**fields, "run_id": str(fields["run_id"])})
-        if not RUN_ID.fullmatch(request.run_id):
-            raise CcciError(f"run id {request.run_id!r} is not a plain identifier")
-        if not is_recipe(request.recipe):
-            raise CcciError(f"recipe {request.recipe!r} is not a recipe name (lowercase letters, digits, . _ -)")
-        if request.source is None and not is_sha(request.sha):
-            raise CcciError(f"sha {request.sha!r} is not a 40-hex commit id")
-        return request
+EXIT_NOT_STARTED = 75  # EX_TEMPFAIL: nothing ran and no report was written; start the run again
+GATE_POLL = 0.1  # seconds between looks at the stop switch while waiting at the gate
 
 
 def ci_file_for(settings: Settings, request: RunRequest) -> Path:
     """Return the ci.yml of the request's recipe, falling back to ``_default``."""
     if request.ci_file is not None:
         return request.ci_file
-    own = settings.RECIPES_DIR / request.recipe / "ci.yml"
+    return ci_file_of(settings, request.recipe)
+
+
+def ci_file_of(settings: Settings, recipe: str) -> Path:
+    """Return the ci.yml of ``recipe`` under RECIPES_DIR, falling back to ``_default``."""
+    own = settings.RECIPES_DIR / recipe / "ci.yml"
     return own if own.is_file() else settings.RECIPES_DIR / "_default" / "ci.yml"
 
 
@@ -95,7 +83,7 @@ def needs_forge_token(settings: Settings, recipe: str, *, private: bool) -> bool
     if private:
         return True
     try:
-        pipeline = load_pipeline(ci_file_for(settings, RunRequest(run_id="probe", recipe=recipe)))
+        pipeline = load_pipeline(ci_file_of(settings, recipe))
     except SpecError:
         return False  # the harness reports the broken ci.yml; it needs no token for that
     variables = [*pipeline.env, *(var for step in pipeline.steps for var in step.env)]
@@ -107,7 +95,42 @@ def app_domain(settings: Settings, recipe: str) -> str:
     return f"{recipe}.{settings.DOMAIN}"
 
 
-EXIT_NOT_STARTED = 75  # EX_TEMPFAIL: nothing ran and no report was written; start the run again
+class RunOutput:
+    """Where one run speaks: its log file, its events file, ``echo`` (Drone's step log), ``on_event``."""
+
+    def __init__(self, files: RunFiles, echo: TextIO | None, on_event: Callable[[Event], None] | None, redact):
+        self.files, self.echo, self.on_event = files, echo, on_event
+        self.redact: Redactor = redact
+        self._log = files.log.open("a", encoding="utf-8")
+
+    def write(self, line: str) -> None:
+        """Append a line to the run's log (and echo it)."""
+        self._log.write(line)
+        self._log.flush()
+        if self.echo:
+            self.echo.write(line)
+            self.echo.flush()
+
+    def say(self, text: str) -> None:
+        """Log a line of ccci's own about the run, redacted."""
+        self.write(f"[ccci] {self.redact(text)}\n")
+
+    def emit(self, event: Event) -> None:
+        """Record a progress event (output lines go to the log)."""
+        if event.kind == "output":
+            self.write(f"[{event.step}] {event.text}\n")
+            return
+        data = event.to_dict()
+        self.files.append_event(data)
+        if self.echo:
+            self.echo.write(event_line(data))
+            self.echo.flush()
+        if self.on_event:
+            self.on_event(event)
+
+    def close(self) -> None:
+        """Close the log file."""
+        self._log.close()
 
 
 def execute(
@@ -116,180 +139,168 @@ def execute(
     *,
     on_event: Callable[[Event], None] | None = None,
     echo: TextIO | None = None,
-) -> tuple[dict[str, Any] | None, int]:
+) -> tuple[Report | None, int]:
     """Execute one run; return its report (as written to report.json) and the exit code.
 
     With ``echo`` (``ccci run``), the log, the progress events and the report are also printed
-    there as they come — events and the report as ``::ccci-event``/``::ccci-report`` lines —
-    which is how a Drone build's log carries them back to the worker.
+    there as they come — events and the report as the lines of ``harness/wire.py`` — which is how
+    a Drone build's log carries them back to the worker.
 
     With ``request.gate`` the harness waits for ``start`` on stdin before it touches the run's
     directory: the local dispatcher records the dispatch first, so a run whose worker died in
     between is never executed by a harness nobody knows of. If the starter dies before the
     pipeline began, nothing has run: the harness tears down what it made, writes no report and
-    exits ``EXIT_NOT_STARTED``, and the next worker starts the run again. Either way the report
-    is None only then.
+    exits ``EXIT_NOT_STARTED``, and the next worker starts the run again. The report is None
+    only then.
     """
     logs.bind_run(request.run_id)  # this process is this run: every line it logs is about it
-    files = RunFiles(settings.runs_dir, request.run_id)
-    try:
-        guard = install_guard(settings.RUN_TIMEOUT, parent_pid=request.parent_pid)  # first: teardown is certain
-    except RunInterrupted as exc:  # the starter is already gone, or stopped us while installing
-        if request.gate:
+    with install_guard(settings.RUN_TIMEOUT, parent_pid=request.parent_pid) as guard:  # first: teardown is certain
+        if request.gate and not _through_gate(guard):
             return None, EXIT_NOT_STARTED
+        files = RunFiles(settings.runs_dir, request.run_id)
         files.create()
-        data = _stopped_report(request, exc.status, f"run {exc.status} before it started: {exc.reason}").to_dict()
-        files.write_report(data)
-        return data, exc.exit_code
-    if request.gate and not _through_gate():
-        guard.uninstall()
-        return None, EXIT_NOT_STARTED
-    files.create()
-    redact = Redactor(settings.secrets())
-    started, t0 = time.time(), time.monotonic()
-    report: Report | None = None
-    release: Callable[[], None] | None = None
-    janitor = make_janitor(settings)
-    log_file = files.log.open("a", encoding="utf-8")
-
-    def write_log(line: str) -> None:
-        log_file.write(line)
-        log_file.flush()
-        if echo:
-            echo.write(line)
-            echo.flush()
-
-    def emit(event: Event) -> None:
-        if event.kind == "output":
-            write_log(f"[{event.step}] {event.text}\n")
-            return
-        data = {k: v for k, v in asdict(event).items() if v is not None}
-        files.append_event(data)
-        if echo:
-            echo.write(EVENT_PREFIX + json.dumps(data) + "\n")
-            echo.flush()
-        if on_event:
-            on_event(event)
-
-    def say(text: str) -> None:
-        write_log(f"[ccci] {redact(text)}\n")
-
-    try:
-        _ensure_writable(settings.LOCK_DIR, "LOCK_DIR")
-        janitor.quick()
-        pipeline = load_pipeline(ci_file_for(settings, request))
-        _, spec_secrets = pipeline.resolve_env()
-        redact = Redactor([*settings.secrets(), *spec_secrets])
-        guard.set_deadline(min(pipeline.timeout, settings.RUN_TIMEOUT))
-        domain = app_domain(settings, request.recipe)
-        with RunSandbox(files.dir, settings.ABRA_HOME, request.recipe, keep=settings.KEEP_SANDBOX) as box:
-            if request.source is not None:
-                say(f"copying {request.source}")
-                copy_source(request.source, box.recipe_dir)
-            else:
-                say(f"checking out {request.sha} (refs/pull/{request.pr}/head)")
-                checkout_pull(
-                    request.clone_url,
-                    request.pr,
-                    request.sha,
-                    box.recipe_dir,
-                    forge_url=settings.FORGE_URL,
-                    token=settings.FORGE_TOKEN if request.private else "",
-                )
-            holder = LockHolder.for_this_process(run_id=request.run_id, recipe=request.recipe, app_domain=domain)
-            release = acquire_app_lock(
-                settings.LOCK_DIR,
-                domain,
-                holder,
-                wait=settings.LOCK_WAIT,
-                # A holder that dies while we wait left its app deployed: we reap it ourselves.
-                reap=lambda dead: reap_app(settings, dead),
-                on_wait=lambda h: _waiting(emit, say, domain, h),
-                trigger=settings.TRIGGER,
-            )
-            env = {
-                "RECIPE": request.recipe,
-                "APP_DOMAIN": domain,
-                "ABRA_DIR": str(box.abra_dir),
-                "CCCI_RUN": request.run_id,
-                "CCCI_SHA": request.sha or head_commit(box.recipe_dir),
-            }
-            brought_out = files.dir / "artifacts.in"
-            executor = choose_executor(
-                settings,
-                log.info,
-                confinement=confinement_for(settings, box, network=pipeline.network),
-                setup=pipeline.setup or "",
-                artifacts_dir=brought_out,
-            )
-            say(f"executor: {executor.name}")
-            files.mark_began()
-            report = run_pipeline(
-                pipeline,
-                executor,
-                box.recipe_dir,
-                env,
-                on_event=emit,
-                secrets=settings.secrets(),
-                run=_report_run_id(request.run_id),
-                recipe=request.recipe,
-                sha=env["CCCI_SHA"],
-                on_teardown=guard.begin_teardown,
-            )
-            _keep_artifacts(box.recipe_dir, brought_out, files, report, redact)
-            if pipeline.setup and executor.name != "qemu":
-                report.notes.append(f"setup skipped: the {executor.name} executor has no warm base to prepare")
-    except RunInterrupted as exc:
-        report = _stopped_report(request, exc.status, f"run {exc.status.replace('_', ' ')} before its steps ran")
-    except AppBusy as exc:
-        report = _stopped_report(request, "error", str(exc))
-    except (SpecError, InfraError) as exc:
-        report = _stopped_report(request, "error", redact(str(exc)))
-    except Exception:
-        log.exception("ccci failed while running this")
-        report = _stopped_report(request, "error", "ccci failed while running this (see the harness log)")
-    finally:
-        guard.begin_teardown()
-        if release is not None:
-            release()
+        out = RunOutput(files, echo, on_event, Redactor(settings.secrets()))
+        started, t0 = time.time(), time.monotonic()
+        report: Report | None = None
+        failure: Exception | None = None
         try:
-            janitor.thorough()
-        except Exception:  # the sweep is a safety net; it must not cost the run its report
-            log.exception("janitor failed")
-        if report is None:  # interrupted inside this finally's own steps: still exactly one report
-            report = _stopped_report(request, "error", "ccci failed while running this (see the harness log)")
-        stop = guard.interrupted
+            report = _pipeline(settings, request, guard, files, out)
+        except Exception as exc:  # decided by verdict_of, below
+            failure = exc
+        guard.shield()  # teardown is over, or never began: nothing may cut the report short
+        final = verdict_of(request, guard.first, report, failure, out.redact)
+        final.total_ms = int((time.monotonic() - t0) * 1000)
+        final.started_at = final.started_at or started
+        orphaned = request.gate and request.parent_pid is not None and os.getppid() != request.parent_pid
+        if orphaned and not files.has_begun():
+            # The worker died before this run's pipeline began: nothing ran, and the next worker
+            # starts the run again. A report now would end it as interrupted instead.
+            out.say("the worker went away before the run began; it will be started again")
+            out.close()
+            return None, EXIT_NOT_STARTED
+        data = json.loads(out.redact(final.to_json()))
+        files.write_report(data)
+        if echo:
+            echo.write(report_line(data))
+            echo.flush()
+        out.close()
+        return Report.from_dict(data), guard.exit_code(0 if final.passed else 1)
+
+
+def _pipeline(settings: Settings, request: RunRequest, guard: LifetimeGuard, files: RunFiles, out: RunOutput) -> Report:
+    """Enter the run's resources in order, run its pipeline, and leave them in reverse on every path."""
+    _ensure_writable(settings.LOCK_DIR, "LOCK_DIR")
+    pipeline = load_pipeline(ci_file_for(settings, request))
+    _, spec_secrets = pipeline.resolve_env()
+    out.redact = Redactor([*settings.secrets(), *spec_secrets])
+    guard.set_deadline(min(pipeline.timeout, settings.RUN_TIMEOUT))
+    domain = app_domain(settings, request.recipe)
+    with ExitStack() as resources:
+        guard.check()
+        box = resources.enter_context(
+            RunSandbox(files.dir, settings.ABRA_HOME, request.recipe, keep=settings.KEEP_SANDBOX)
+        )
+        if request.source is not None:
+            out.say(f"copying {request.source}")
+            copy_source(request.source, box.recipe_dir)
+        else:
+            out.say(f"checking out {request.sha} (refs/pull/{request.pr}/head)")
+            checkout_pull(request.clone_url, request.pr, request.sha, box.recipe_dir, forge_url=settings.FORGE_URL,
+                          token=settings.FORGE_TOKEN if request.private else "", stop=guard)  # fmt: skip
+        guard.check()
+        holder = LockHolder.for_this_process(run_id=request.run_id, recipe=request.recipe, app_domain=domain)
+        resources.enter_context(
+            acquire_app_lock(
+                settings.LOCK_DIR, domain, holder, wait=settings.LOCK_WAIT,
+                # A holder that died left its app deployed: this run reaps it before taking the lock.
+                reap=lambda dead: reap_app(settings, dead),
+                on_wait=lambda h: _waiting(out, domain, h), trigger=settings.TRIGGER, stop=guard,
+            )
+        )  # fmt: skip
+        env = {
+            "RECIPE": request.recipe,
+            "APP_DOMAIN": domain,
+            "ABRA_DIR": str(box.abra_dir),
+            "CCCI_RUN": request.run_id,
+            "CCCI_SHA": request.sha or head_commit(box.recipe_dir),
+        }
+        brought_out = files.dir / "artifacts.in"
+        executor = choose_executor(
+            settings,
+            log.info,
+            confinement=confinement_for(settings, box, network=pipeline.network),
+            setup=pipeline.setup or "",
+            artifacts_dir=brought_out,
+        )
+        out.say(f"executor: {executor.name}")
+        guard.check()
+        files.mark_began()
+        report = run_pipeline(
+            pipeline,
+            executor,
+            box.recipe_dir,
+            env,
+            stop=guard,
+            on_event=out.emit,
+            secrets=settings.secrets(),
+            run=_report_run_id(request.run_id),
+            recipe=request.recipe,
+            sha=env["CCCI_SHA"],
+        )
+        _keep_artifacts(box.recipe_dir, brought_out, files, report, out.redact)
+        if pipeline.setup and executor.name != "qemu":
+            report.notes.append(f"setup skipped: the {executor.name} executor has no warm base to prepare")
+        return report
+
+
+def verdict_of(
+    request: RunRequest,
+    stop: StopRequest | None,
+    report: Report | None,
+    failure: Exception | None,
+    redact: Callable[[str], str],
+) -> Report:
+    """Decide the run's final report, in one place; precedence timed_out > canceled > error > failed.
+
+    The pipeline ran: its report, whose verdict the scheduler decided (``report.verdict``) — and a
+    stop that came only once teardown had begun still shows, as the run's status and a note. It
+    did not run: a stop request (canceled, timed out) says so; else the failure that kept it from
+    running (a busy app, a broken ci.yml, an infrastructure error) is the run's ``error``, in its
+    own words; anything else is a bug of ccci's, said as such.
+    """
+    if report is not None:
         if stop is not None and report.status not in ("canceled", "timed_out"):
-            # The signal came during teardown, which it did not cut short; the verdict says it came.
             report.status = stop.status
             report.notes.append(f"run {stop.status.replace('_', ' ')} during teardown; teardown completed")
-        report.total_ms = int((time.monotonic() - t0) * 1000)
-        report.started_at = report.started_at or started
-        orphaned = request.gate and request.parent_pid is not None and os.getppid() != request.parent_pid
-        # The worker died before this run's pipeline began: nothing ran, and the next worker
-        # starts the run again. A report now would end it as interrupted instead.
-        again = orphaned and not files.has_begun()
-        data = None if again else json.loads(redact(report.to_json()))
-        if data is None:
-            say("the worker went away before the run began; it will be started again")
-        else:
-            files.write_report(data)
-            if echo:
-                echo.write(REPORT_PREFIX + json.dumps(data) + "\n")
-                echo.flush()
-        log_file.close()
-        guard.uninstall()
-    if data is None:
-        return None, EXIT_NOT_STARTED
-    return data, guard.exit_code(0 if report.passed else 1)
+        return report
+    if stop is not None:
+        return _stopped(
+            request, stop.status, f"run {stop.status.replace('_', ' ')} before its steps ran: {stop.reason}"
+        )
+    if isinstance(failure, AppBusy):
+        return _stopped(request, "error", str(failure))
+    if isinstance(failure, Stopped):  # a stop request with no guard behind it (cannot happen in a run)
+        return _stopped(request, failure.request.status, str(failure))
+    if isinstance(failure, (SpecError, InfraError)):
+        return _stopped(request, "error", redact(str(failure)))
+    log.error("ccci failed while running this", exc_info=failure)
+    return _stopped(request, "error", "ccci failed while running this (see the harness log)")
 
 
-def _through_gate() -> bool:
-    """Wait for the starter's ``start`` line on stdin; False on end of input or a stop signal."""
-    try:
-        return sys.stdin.readline().strip() == "start"
-    except RunInterrupted:
-        return False
+def _through_gate(guard: LifetimeGuard) -> bool:
+    """Wait for the starter's ``start`` line on stdin; False on end of input or a stop request."""
+    line = b""
+    while not guard.is_set():
+        ready, _, _ = select.select([sys.stdin.fileno()], [], [], GATE_POLL)
+        if not ready:
+            continue
+        chunk = os.read(sys.stdin.fileno(), 64)
+        if not chunk:
+            return False  # the starter is gone before it let us start
+        line += chunk
+        if b"\n" in line:
+            return line.split(b"\n", 1)[0].strip() == b"start"
+    return False
 
 
 def _keep_artifacts(checkout: Path, brought_out: Path, files: RunFiles, report: Report, redact: Redactor) -> None:
@@ -315,10 +326,10 @@ def _ensure_writable(directory: Path, key: str) -> None:
         )
 
 
-def _waiting(emit, say, domain: str, holder: Any) -> None:
+def _waiting(out: RunOutput, domain: str, holder: LockHolder | None) -> None:
     who = f"run {holder.run_id}" if holder is not None else "another run"
-    say(f"waiting for {domain}: {who} holds it")
-    emit(Event(kind="waiting", step="", at=time.time(), text=f"waiting for {domain}: held by {who}"))
+    out.say(f"waiting for {domain}: {who} holds it")
+    out.emit(Event(kind="waiting", step="", at=time.time(), text=f"waiting for {domain}: held by {who}"))
 
 
 def _report_run_id(run_id: str) -> int | str:
@@ -326,16 +337,9 @@ def _report_run_id(run_id: str) -> int | str:
     return int(run_id) if run_id.isdigit() else run_id
 
 
-def _stopped_report(request: RunRequest, status: str, note: str) -> Report:
-    return Report(
-        run=_report_run_id(request.run_id),
-        recipe=request.recipe,
-        sha=request.sha,
-        status=status,
-        total_ms=0,
-        steps=[],
-        notes=[note],
-    )
+def _stopped(request: RunRequest, status: str, note: str) -> Report:
+    return Report.stopped(run=_report_run_id(request.run_id), recipe=request.recipe, sha=request.sha,
+                          status=status, note=note)  # fmt: skip
 
 
 def confinement_for(settings: Settings, box: RunSandbox, *, network: bool) -> Confinement:
@@ -375,13 +379,13 @@ def make_janitor(settings: Settings) -> Janitor:
     )
 
 
-def reap_app(settings: Settings, holder: Any) -> None:
+def reap_app(settings: Settings, holder: LockHolder) -> None:
     """Tear down the app of a run that died holding its lock: run the recipe's teardown steps."""
-    recipe = getattr(holder, "recipe", "") or ""
+    recipe = holder.recipe
     if not is_recipe(recipe):
         log.warning("cannot reap %s: its lock names no valid recipe", holder)
         return
-    pipeline = load_pipeline(ci_file_for(settings, RunRequest(run_id="reap", recipe=recipe)))
+    pipeline = load_pipeline(ci_file_of(settings, recipe))
     teardown = tuple(s for s in pipeline.steps if s.teardown)
     if not teardown:
         return

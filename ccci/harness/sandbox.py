@@ -49,7 +49,7 @@ class RunSandbox:
 
     The owner holds ``flock`` on the owner file for the sandbox's whole life, so the janitor
     (``sweep_sandboxes``) tells a dead owner's sandbox from a live one without trusting pids;
-    the JSON is for people. Leaving removes ``abra/`` on every path, including RunInterrupted,
+    the JSON is for people. Leaving removes ``abra/`` on every path, including a stop request,
     unless ``keep=True``: then the owner file is marked kept and no sweep removes it.
     """
 

@@ -15,12 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..names import is_id
+from ..names import is_id, is_login, is_repo_name
 
-# Gitea names are [A-Za-z0-9_.-]; refusing a leading '.' or '-' keeps "..", option-like
-# arguments ("-x") and hidden paths out of the URLs and paths these become.
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
-_LOGIN = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 _MARKER = "<!-- ccci:run="
 
 
@@ -87,11 +83,11 @@ def parse_event(
         raise MalformedEvent("is_pull must be true or false")
 
     for what, value in (("repository.owner.login", owner), ("repository.name", repo)):
-        if not _NAME.fullmatch(value):
+        if not is_repo_name(value):
             raise MalformedEvent(f"{what} {_short(value)!r} is not a safe repository name")
     if full_name.lower() != f"{owner}/{repo}".lower():
         raise MalformedEvent("repository.full_name does not match owner and name")
-    if not _LOGIN.fullmatch(author):
+    if not is_login(author):
         raise MalformedEvent(f"comment.user.login {_short(author)!r} is not a forge login")
     # The URL is handed to git: http(s) only, never ext:: or file:// or a local path.
     if not re.fullmatch(r"https?://[^\s/]+/\S*", clone_url):

@@ -5,45 +5,20 @@
     12:03:02  ▶ checkout
     12:03:02  ⏭️ smoke             skipped
 
-``StepBoard`` folds events into each step's current state (also what ``render_progress`` needs
-for the running comment); ``TerminalProgress`` prints them. With ``show_output`` (or when the
+``TerminalProgress`` prints the scheduler's events (``pipeline/events.py``). With ``show_output`` (or when the
 stream is a TTY and ``show_output`` is None) step output lines are echoed, indented.
 """
 
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TextIO
 
+from .events import Event, StepBoard
 from .render import EMOJI, duration, excerpt
 from .report import Report
-from .scheduler import Event
-
-
-class StepBoard:
-    """The live state of every step of a run, as events report it: (name, status, duration_ms)."""
-
-    def __init__(self) -> None:
-        self._steps: dict[str, tuple[str, int | None]] = {}
-        self._lock = threading.Lock()
-
-    def update(self, event: Event) -> None:
-        """Fold one event into the board."""
-        with self._lock:
-            if event.kind == "queued":
-                self._steps[event.step] = ("queued", None)
-            elif event.kind == "started":
-                self._steps[event.step] = ("running", None)
-            elif event.kind == "finished":
-                self._steps[event.step] = (event.status or "error", event.duration_ms)
-
-    def rows(self) -> list[tuple[str, str, int | None]]:
-        """Return (name, status, duration_ms) per step, in the order the steps were queued."""
-        with self._lock:
-            return [(name, status, ms) for name, (status, ms) in self._steps.items()]
 
 
 class TerminalProgress:

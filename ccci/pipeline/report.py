@@ -105,6 +105,12 @@ class Report:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
+    def stopped(cls, *, run: str | int | None, recipe: str, sha: str, status: str, note: str) -> Report:
+        """Return the report of a run that ended without its pipeline's own report (it never ran, or
+        its harness could not say), with the note that says why."""
+        return cls(run=run, recipe=recipe, sha=sha, status=status, total_ms=0, notes=[note])
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
         """Rebuild a report from ``to_dict`` output (unknown keys are ignored)."""
         step_keys = {f.name for f in fields(StepResult)}

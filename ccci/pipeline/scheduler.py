@@ -6,16 +6,17 @@
 
 Threads: the caller's (main) thread decides everything; one worker thread per running step calls
 ``Machine.exec`` and writes the step's outcome into its record, then wakes the main thread
-through a queue. Keeping the state in records, not in queue items, makes the main loop safe
-against ``RunInterrupted``: the harness raises it from a signal handler wherever the main thread
-happens to be, and a lost queue item is then only a lost wakeup. Every wait in the main thread
-is a ``queue.get`` with a short timeout, so signals are handled promptly.
+through a queue. Every wait in the main thread is a ``queue.get`` with a short timeout, after
+which it looks at the run's ``Stop`` (``pipeline/stop.py``): a cancel or the deadline is a request
+there, set by the harness' signal handlers or a timer, never an exception thrown into this loop.
 
 Outcomes: a step that failed, timed out, errored or was skipped skips its dependents,
-transitively. The run's timeout, ``cancel`` and ``RunInterrupted`` stop in-flight steps (they
-end ``canceled``) and mark the not-started ones ``canceled``; teardown steps run anyway, and a
-second interruption during teardown is absorbed. An ``InfraError`` makes a step ``error``; a
-machine that cannot boot makes every step ``error``. The verdict is ``report.verdict``.
+transitively. A stop request (canceled, or timed out: the one deadline is the stop's, the
+harness' guard or, standalone, the pipeline's ``timeout``) stops in-flight steps (they end
+``canceled``) and marks the not-started ones ``canceled``; teardown steps run anyway, and the
+stop shields them (``shield``): a request during teardown is recorded, and nothing acts on it.
+An ``InfraError`` makes a step ``error``; a machine that cannot boot makes every step ``error``.
+The verdict is ``report.verdict``.
 
 Machines: steps run in the booted machine, concurrently when the graph allows, except that a
 step others ``fork_from`` runs alone in its machine, so the checkpoint taken right after it
@@ -35,30 +36,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InfraError, RunInterrupted, TransientInfraError
+from ..errors import InfraError, TransientInfraError
+from .events import Event
 from .executor import ExecRequest, Executor, Machine
 from .output import StreamBuffer
 from .redact import Redactor
 from .report import Report, StepResult, verdict
 from .spec import Pipeline, Step
+from .stop import Stop
 
 log = logging.getLogger(__name__)
-TICK = 0.1  # seconds between checks of the deadline and the cancel event
+TICK = 0.1  # seconds between looks at the run's stop switch
 FORK_RETRIES = 2
-
-
-@dataclass
-class Event:
-    """Something that happened during a run, for live progress: queued, started, finished, output."""
-
-    kind: str
-    step: str
-    at: float  # epoch seconds
-    status: str | None = None
-    duration_ms: int | None = None
-    exit_code: int | None = None
-    stream: str | None = None  # output events: "stdout" | "stderr"
-    text: str | None = None  # output events: one line, redacted
 
 
 @dataclass
@@ -86,7 +75,7 @@ def run_pipeline(
     workspace: Path,
     env: dict[str, str],
     *,
-    cancel: threading.Event | None = None,
+    stop: Stop | None = None,
     on_event: Callable[[Event], None] | None = None,
     secrets: Iterable[str] = (),
     max_output: int = 1 << 20,
@@ -94,15 +83,23 @@ def run_pipeline(
     run: str | int | None = None,
     recipe: str | None = None,
     sha: str | None = None,
-    on_teardown: Callable[[], object] | None = None,
 ) -> Report:
-    """Run ``pipeline`` on ``executor`` in ``workspace`` and return its report; never raises for a step."""
+    """Run ``pipeline`` on ``executor`` in ``workspace`` and return its report; never raises for a step.
+
+    ``stop`` is the run's stop switch; without one, the pipeline's own ``timeout`` is its deadline.
+    """
     step_envs, spec_secrets = pipeline.resolve_env(host_env)  # SpecError here: nothing ran
     redact = Redactor([*secrets, *spec_secrets])
-    scheduler = _Scheduler(pipeline, executor, workspace, env, step_envs, redact, max_output)
-    scheduler.cancel, scheduler.on_event = cancel or threading.Event(), on_event
+    own = stop is None
+    stop = Stop(deadline=pipeline.timeout) if stop is None else stop
+    scheduler = _Scheduler(pipeline, executor, workspace, env, step_envs, redact, max_output, stop)
+    scheduler.on_event = on_event
     started_at, t0 = time.time(), time.monotonic()
-    scheduler.execute()
+    try:
+        scheduler.execute()
+    finally:
+        if own:
+            stop.cancel_deadline()
     results = [scheduler.result(r) for r in scheduler.records.values()]
     return Report(
         run=run if run is not None else env.get("CCCI_RUN"),
@@ -119,10 +116,20 @@ def run_pipeline(
 class _Scheduler:
     """One run's state: records, machines, the wakeup queue and the stop reason."""
 
-    def __init__(self, pipeline, executor, workspace, env, step_envs, redact, max_output):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        executor: Executor,
+        workspace: Path,
+        env: dict[str, str],
+        step_envs: dict[str, dict[str, str]],
+        redact: Redactor,
+        max_output: int,
+        stop: Stop,
+    ):
         self.pipeline, self.executor, self.workspace, self.env = pipeline, executor, workspace, env
         self.step_envs, self.redact, self.max_output = step_envs, redact, max_output
-        self.cancel: threading.Event = threading.Event()
+        self.stop = stop
         self.on_event: Callable[[Event], None] | None = None
         self.forks: list[Machine] = []  # fork machines kept open because others fork from them
         self.records = {s.name: _Record(s) for s in pipeline.steps}
@@ -136,9 +143,7 @@ class _Scheduler:
         self.running = 0
         self.stopped: str | None = None
         self.teardown_phase = False
-        self.deadline = time.monotonic() + pipeline.timeout
         self.notes: list[str] = []
-        self.on_teardown: Callable[[], object] | None = None
 
     def execute(self) -> None:
         """Boot, run the work steps, then the teardown steps; close everything on every path."""
@@ -148,17 +153,15 @@ class _Scheduler:
             self._boot()
             work = [r for r in self.records.values() if not r.step.teardown]
             self._drive(work)
-            if self.on_teardown is not None:
-                self.on_teardown()  # the harness stops signals from cutting teardown short
+            shield = getattr(self.stop, "shield", None)
+            if shield is not None:
+                shield()  # the harness' guard: signals from now on cannot cut teardown short
             self.teardown_phase = True
             if self.root is not None:
                 self._drive([r for r in self.records.values() if r.step.teardown])
         finally:
             self._shutdown()
-        try:
-            self._pump(0)
-        except RunInterrupted as exc:
-            self.stopped = self.stopped or exc.status
+        self._pump(0)
 
     def _boot(self) -> None:
         box: dict = {}
@@ -183,23 +186,16 @@ class _Scheduler:
 
     def _drive(self, recs: list[_Record]) -> None:
         while any(r.state != "done" for r in recs):
-            try:
-                with self.lock:
-                    self._start_ready(recs)
-                self._wait(stoppable=not self.teardown_phase)
-            except RunInterrupted as exc:
-                self._stop(exc.status)
+            with self.lock:
+                self._start_ready(recs)
+            self._wait(stoppable=not self.teardown_phase)
 
     def _wait(self, stoppable: bool) -> None:
-        """Pump events for one tick; then stop the run if it was canceled or ran out of time."""
-        try:
-            self._pump(TICK)
-            if stoppable and self.cancel.is_set():
-                self._stop("canceled")
-            elif stoppable and time.monotonic() >= self.deadline:
-                self._stop("timed_out")
-        except RunInterrupted as exc:
-            self._stop(exc.status)
+        """Pump events for one tick; then stop the run if its stop switch was set."""
+        self._pump(TICK)
+        first = self.stop.first
+        if stoppable and first is not None:
+            self._stop(first.status)
 
     def _stop(self, status: str) -> None:
         if self.stopped is None:
@@ -351,11 +347,7 @@ class _Scheduler:
         if any(t.is_alive() for t in self.threads) and self.root is not None:
             self.root.close()  # only on an abnormal exit: kill what ignores the cancel
         for thread in self.threads:
-            while thread.is_alive():
-                try:
-                    thread.join(TICK)
-                except RunInterrupted as exc:  # keep closing: leaking a VM is worse than a late exit
-                    self.stopped = self.stopped or exc.status
+            thread.join()
         for rec in self.records.values():
             if rec.checkpoint is not None:
                 rec.checkpoint.close()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flask import Blueprint, Flask, Response, abort, jsonify, render_template, request, send_from_directory
 
+from ..harness.runfiles import RunFiles
 from ..pipeline.redact import Redactor
-from ..runfiles import RunFiles
 from . import services
 
 bp = Blueprint("runs", __name__, template_folder="templates")

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from ccci.runfiles import LOG_PAGE, RunFiles
+from ccci.harness.runfiles import LOG_PAGE, RunFiles
 
 pytestmark = pytest.mark.browser
 

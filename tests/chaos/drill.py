@@ -1,4 +1,4 @@
-"""The chaos drill: ccci under random SIGKILLs, then every invariant of DESIGN.md checked.
+"""The chaos drill: ccci under random SIGKILLs, then every invariant of docs/design.md checked.
 
     make chaos                                    # 200 kills, about 8 minutes
     .venv/bin/python -m tests.chaos.drill --kills 20 --seed 7 --keep

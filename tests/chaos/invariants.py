@@ -1,4 +1,4 @@
-"""The invariants of DESIGN.md, checked on everything a settled drill left behind.
+"""The invariants of docs/design.md, checked on everything a settled drill left behind.
 
 Each check returns the evidence of its violations as sentences (an empty list: it held), named
 by the invariant it guards. They read the forge (every comment with its edit history, every

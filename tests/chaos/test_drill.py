@@ -27,9 +27,7 @@ def test_a_brief_drill_kills_five_times_and_every_invariant_holds(tmp_path):
     assert summary.exists(), drill.stdout[-6000:] + drill.stderr[-4000:]
     figures = json.loads(summary.read_text())
     violations = figures["violations"]
-    assert not any(violations.values()) and not figures["drill_errors"], (
-        drill.stdout[-6000:] + drill.stderr[-4000:]
-    )
+    assert not any(violations.values()) and not figures["drill_errors"], drill.stdout[-6000:] + drill.stderr[-4000:]
     assert figures["kills_total"] == 5 and figures["serve_restarts"] == figures["kills"]["master"]
     assert figures["traffic"]["accepted_202"] >= 9  # the opening burst: one run per pull request
     assert figures["runs_in_store"] >= figures["traffic"]["accepted_202"]  # some answers were lost in a kill

@@ -16,7 +16,7 @@ import requests
 
 from ccci.config import load_settings
 from ccci.dispatch.drone import DroneDispatcher
-from ccci.runfiles import RunFiles
+from ccci.harness.runfiles import RunFiles
 from ccci.store import Run
 from tests.fakes.drone import TERMINAL, FakeDrone, drone_step
 from tests.fakes.gitea import FakeGitea
@@ -103,8 +103,8 @@ def test_a_drone_build_runs_the_real_harness_and_reports_passed(tmp_path, gitea)
         build = drone.builds[1]
     assert build.status == "success", drone.log_text(1)[-3000:]
     report = finished.report
-    assert report is not None and report["status"] == "passed" and report["sha"] == sha and str(report["run"]) == "41"
-    assert [s["name"] for s in report["steps"]] == ["deploy", "checkout", "config", "metrics", "teardown"]
+    assert report is not None and report.status == "passed" and report.sha == sha and str(report.run) == "41"
+    assert [s.name for s in report.steps] == ["deploy", "checkout", "config", "metrics", "teardown"]
     assert any(e.get("step") == "deploy" for e in progress)
     log = RunFiles(settings.runs_dir, 41).log.read_text()
     assert "[deploy] deployed hello" in log and f"HEAD is {sha}" in log
@@ -159,10 +159,10 @@ def test_canceling_a_drone_build_kills_the_step_shell_and_the_harness_still_tear
             [finished] = dispatcher.poll()
     assert shell.returncode == -9  # SIGKILL, to the shell alone
     report = finished.report
-    assert report is not None and report["status"] == "canceled", drone.log_text(1)[-3000:]
+    assert report is not None and report.status == "canceled", drone.log_text(1)[-3000:]
     assert marker.exists()
-    teardown = next(s for s in report["steps"] if s["name"] == "teardown")
-    assert teardown["status"] == "passed"
+    teardown = next(s for s in report.steps if s.name == "teardown")
+    assert teardown.status == "passed"
     assert not processes_with(f"sleep {naptime}") and not processes_with("--run-id 42 ")
     assert not (tmp_path / "runner-state" / "runs" / "42" / "abra").exists()  # the run's sandbox is gone
     assert list((tmp_path / "locks").glob("*")) == []  # the app lock was released

@@ -378,7 +378,9 @@ def test_a_killed_harness_is_cleaned_up_before_its_report_says_so(make_world, tm
     run_id = world.deliver(payload).json()["run"]
     [pid] = wait_until(lambda: harness_pids(world, run_id), what="the harness")
     locks = tmp_path / "locks"
-    wait_until(lambda: list(locks.glob("*.lock")), what="the app lock to be taken")
+    events = world.state_dir / "runs" / str(run_id) / "events.jsonl"
+    wait_until(lambda: events.exists() and '"started"' in events.read_text(), what="its step to start")
+    assert list(locks.glob("*.lock"))  # it holds its app
     os.kill(pid, signal.SIGKILL)
     comment = final_comment(world, 72, "error")
     # The comment is written after the cleanup: at this moment nothing of the run is left.

@@ -18,13 +18,12 @@ import argparse
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from ccci.errors import RunInterrupted
 from ccci.harness.lifetime import install_guard
+from ccci.pipeline.stop import Stopped
 
 
 def say(*words: object) -> None:
@@ -32,15 +31,16 @@ def say(*words: object) -> None:
 
 
 def cmd_guard(args: argparse.Namespace) -> int:
+    """A run-like body: it waits on the guard's stop switch, then tears down (the harness' shape)."""
     if args.wait_go:
         say("waiting-go")
         sys.stdin.readline()
-    try:
-        guard = install_guard(args.deadline, parent_pid=args.parent_pid)
-    except RunInterrupted as exc:
-        Path(args.marker).write_text(f"not started: {exc.status}")
-        say("interrupted-before-start", exc.status, exc.reason)
-        return exc.exit_code
+    guard = install_guard(args.deadline, parent_pid=args.parent_pid)
+    if guard.first is not None:  # the parent was gone before the guard was in place
+        Path(args.marker).write_text(f"not started: {guard.first.status}")
+        say("interrupted-before-start", guard.first.status, guard.first.reason)
+        guard.uninstall()
+        return guard.first.exit_code
     child = None
     try:
         if args.child:
@@ -50,20 +50,19 @@ def cmd_guard(args: argparse.Namespace) -> int:
         if args.finish_on_line:
             sys.stdin.readline()  # the body ends normally when the test says so
         else:
-            while True:
-                signal.pause()
-    except RunInterrupted as exc:
-        say("interrupted", exc.status)
+            guard.event.wait()  # signals set the switch; nothing is raised into this wait
+            say("interrupted", guard.first.status)
     finally:
-        guard.begin_teardown()
+        guard.shield()
         say("teardown-begins")
         if args.teardown_wait:
             sys.stdin.readline()  # the test sends more signals first, then "finish"
         if child is not None:
             say("child-ended", child.wait())
-        status = guard.interrupted.status if guard.interrupted else "finished"
+        status = guard.first.status if guard.first else "finished"
         Path(args.marker).write_text(f"teardown done: {status} {','.join(guard.signals)}")
         say("teardown-done", status)
+        guard.uninstall()
     return guard.exit_code(0)
 
 
@@ -100,13 +99,14 @@ def cmd_hold_lock(args: argparse.Namespace) -> int:
             wait=args.wait,
             reap=reap_logger(args.reap_log, False),
             on_wait=lambda holder: say("waiting", holder.run_id if holder else "unknown"),
+            stop=guard,
         )
     except AppBusy as exc:
         say("busy", str(exc))
         return 3
-    except RunInterrupted as exc:
-        say("interrupted", exc.status)
-        return exc.exit_code
+    except Stopped as exc:
+        say("interrupted", exc.request.status)
+        return exc.request.exit_code
     held, path = os.fstat(lock.fd), os.stat(lock.path)
     say("ready", held.st_ino, path.st_ino)
     sys.stdin.readline()
@@ -140,12 +140,12 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         with RunSandbox(Path(args.run_dir), Path(args.abra_home), args.recipe) as sandbox:
             say("ready", sandbox.abra_dir)
             if guard is not None:
-                while True:
-                    signal.pause()
+                guard.event.wait()
+                guard.check()  # a stop request ends the body: the sandbox is left on the way out
             sys.stdin.readline()
-    except RunInterrupted as exc:
-        say("interrupted", exc.status)
-        return exc.exit_code
+    except Stopped as exc:
+        say("interrupted", exc.request.status)
+        return exc.request.exit_code
     say("left")
     return 0
 

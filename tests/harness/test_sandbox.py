@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ccci.errors import CcciError, RunInterrupted
+from ccci.errors import CcciError
 from ccci.harness.sandbox import OWNER, RunSandbox, sweep_sandboxes
+from ccci.pipeline.stop import Stopped, StopRequest
 
 
 @pytest.fixture
@@ -69,8 +70,8 @@ def test_an_exception_removes_the_sandbox(tmp_path, abra_home):
 
 
 def test_run_interrupted_removes_the_sandbox(tmp_path, abra_home):
-    with pytest.raises(RunInterrupted), RunSandbox(tmp_path / "run", abra_home, "demo") as box:
-        raise RunInterrupted("canceled", 143)
+    with pytest.raises(Stopped), RunSandbox(tmp_path / "run", abra_home, "demo") as box:
+        raise Stopped(StopRequest("canceled", 143, "SIGTERM received"))
     assert not box.abra_dir.exists()
 
 

@@ -3,10 +3,11 @@
 import io
 from pathlib import Path
 
-from ccci.pipeline.progress import StepBoard, TerminalProgress
+from ccci.pipeline.events import Event, StepBoard
+from ccci.pipeline.progress import TerminalProgress
 from ccci.pipeline.render import render_comment, render_progress
 from ccci.pipeline.report import Report, StepResult
-from ccci.pipeline.scheduler import Event, run_pipeline
+from ccci.pipeline.scheduler import run_pipeline
 from ccci.pipeline.spec import load_pipeline
 from ccci.vm.process import ProcessExecutor
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from pipeline_helpers import alive, read_pid, wait_for
 
-from ccci.errors import PermanentInfraError, RunInterrupted
+from ccci.errors import PermanentInfraError
 from ccci.pipeline.executor import TIMEOUT_EXIT
 from ccci.pipeline.scheduler import run_pipeline
 from ccci.pipeline.spec import load_pipeline
+from ccci.pipeline.stop import Stop
 from ccci.vm.process import ProcessExecutor
 
 ENV = {"RECIPE": "demo", "CCCI_RUN": "41", "CCCI_SHA": "f" * 40}
@@ -72,13 +73,13 @@ steps:
     wait_for(lambda: not alive(read_pid(tmp_path / "slow.pid")), what="the child to die")
 
 
-def test_cancel_event_stops_the_run_and_teardown_still_runs(tmp_path):
-    cancel = threading.Event()
+def test_a_stop_request_stops_the_run_and_teardown_still_runs(tmp_path):
+    stop = Stop()
     pidfile = tmp_path / "slow.pid"
 
     def canceller():
         wait_for(lambda: read_pid(pidfile), what="the slow step's child")
-        cancel.set()
+        stop.request("canceled", "asked to in the test")
 
     helper = threading.Thread(target=canceller)
     helper.start()
@@ -90,7 +91,7 @@ steps:
   - {{name: later, needs: [slow], run: "true"}}
   - {{name: down, teardown: true, run: "true"}}
 """,
-        cancel=cancel,
+        stop=stop,
     )
     helper.join()
     assert statuses(report) == {"slow": "canceled", "later": "canceled", "down": "passed"}
@@ -98,9 +99,11 @@ steps:
     wait_for(lambda: not alive(read_pid(pidfile)), what="the child to die")
 
 
-def test_run_interrupted_from_a_real_signal_becomes_a_canceled_report(tmp_path):
-    def on_signal(signum, frame):
-        raise RunInterrupted("canceled", 143, "SIGUSR1 in test")
+def test_a_real_signal_sets_the_stop_switch_and_becomes_a_canceled_report(tmp_path):
+    stop = Stop()
+
+    def on_signal(signum, frame):  # what the harness' guard does: record, never raise
+        stop.request("canceled", "SIGUSR1 in test")
 
     pidfile = tmp_path / "slow.pid"
     fast_done = threading.Event()
@@ -128,6 +131,7 @@ steps:
   - {{name: down, teardown: true, run: "echo done > down.txt"}}
 """,
             on_event=on_event,
+            stop=stop,
         )
         helper.join()
     finally:
