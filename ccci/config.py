@@ -54,6 +54,14 @@ class Settings:
     MAX_BODY: int = 1024 * 1024
     KEEP_SANDBOX: bool = False
     SANDBOX_WRITABLE: tuple[str, ...] = ()
+    # Guest machines (issue 11): images, warm bases, Docker forks.
+    VM_MEMORY_MB: int = 0
+    VM_TB_SIZE_MB: int = 256
+    IMAGE_FILES: tuple[str, ...] = ()
+    IMAGE_PACKAGES: tuple[str, ...] = ()
+    REGISTRY_MIRROR: str = ""
+    DOCKER_PRELOAD: tuple[str, ...] = ()
+    DOCKER_SLOTS: int = 0
 
     @property
     def db_path(self) -> Path:
@@ -114,6 +122,13 @@ DESCRIPTIONS = {
     "MAX_BODY": "Largest webhook body accepted, in bytes",
     "KEEP_SANDBOX": "Keep each run's sandbox after it ends, for debugging",
     "SANDBOX_WRITABLE": "Host paths steps may write besides their checkout and ABRA_DIR (process sandbox)",
+    "VM_MEMORY_MB": "Guest RAM of QEMU machines in MiB; 0: the image's own default (tiny 256, docker 1024)",
+    "VM_TB_SIZE_MB": "TCG translation buffer of each QEMU in MiB (QEMU's own default, 1024, is mostly private memory)",
+    "IMAGE_FILES": "Files put into the docker image, as GUEST_PATH=HOST_PATH (e.g. /usr/local/bin/abra=/opt/abra)",
+    "IMAGE_PACKAGES": "Extra Debian packages for the docker image",
+    "REGISTRY_MIRROR": "Registry Docker forks pull through: HOST:PORT or http(s)://HOST:PORT (127.0.0.1: this host)",
+    "DOCKER_PRELOAD": "Image archives (docker save or OCI tarballs) loaded into the docker warm base",
+    "DOCKER_SLOTS": "Runs that may hold Docker machines at once on this host; 0: one per CPU core; the rest wait",
 }
 
 _CHOICES = {"DISPATCH": ("local", "drone"), "EXECUTOR": ("auto", "qemu", "local")}
