@@ -173,7 +173,11 @@ def execute(
                 "CCCI_SHA": request.sha or head_commit(box.recipe_dir),
             }
             writable = [box.abra_dir, settings.ABRA_HOME, *map(Path, settings.SANDBOX_WRITABLE)]
-            executor = choose_executor(settings, log.info, writable=writable, setup=pipeline.setup or "")
+            executor = choose_executor(
+                settings, log.info, writable=writable, setup=pipeline.setup or "", image=pipeline.image,
+                on_wait=lambda text: _machine_waiting(emit, say, text),
+                interrupted=lambda: guard.interrupted is not None,
+            )  # fmt: skip
             say(f"executor: {executor.name}")
             report = run_pipeline(
                 pipeline,
@@ -253,6 +257,12 @@ def _waiting(emit, say, domain: str, holder: Any) -> None:
     who = f"run {holder.run_id}" if holder is not None else "another run"
     say(f"waiting for {domain}: {who} holds it")
     emit(Event(kind="waiting", step="", at=time.time(), text=f"waiting for {domain}: held by {who}"))
+
+
+def _machine_waiting(emit, say, text: str) -> None:
+    # From the machine-booting thread: a line in the log and a "waiting" event the comment shows.
+    say(text)
+    emit(Event(kind="waiting", step="", at=time.time(), text=text))
 
 
 def _report_run_id(run_id: str) -> int | str:
