@@ -49,14 +49,21 @@ def sources(suite: str = SUITE) -> list[str]:
 
 def version(package: str, suite: str = SUITE) -> str | None:
     """Return the newest version of ``package`` in ``suite`` and its updates, per the host's lists."""
+    return versions([package], suite)[package]
+
+
+def versions(packages: list[str], suite: str = SUITE) -> dict[str, str | None]:
+    """Return the newest version of each package in ``suite`` and its updates (None: unknown), in one call."""
     wanted = {suite, f"{suite}-updates", f"{suite}-security"}
-    for line in run_tool(["apt-cache", "madison", package], package="apt").splitlines():
+    found: dict[str, str | None] = dict.fromkeys(packages)
+    for line in run_tool(["apt-cache", "madison", *packages], package="apt").splitlines():
         fields = [f.strip() for f in line.split("|")]
-        if len(fields) == 3 and fields[0] == package:
+        if len(fields) == 3 and fields[0] in found and found[fields[0]] is None:
             where = fields[2].split()
+            # madison lists a package's versions newest first: the first one of the suite wins.
             if len(where) >= 2 and where[1].split("/")[0] in wanted:
-                return fields[1]
-    return None
+                found[fields[0]] = fields[1]
+    return found
 
 
 def kernel_package() -> str:

@@ -52,8 +52,8 @@ def plan(root: Path, progress: Progress, extras: ImageExtras) -> Plan:
     sources = debian.sources()
     kernel = debian.kernel_package()
     pins = []
-    for package in (*PACKAGES, kernel, *extras.packages):
-        version = debian.version(package)
+    wanted = [*PACKAGES, kernel, *extras.packages]
+    for package, version in debian.versions(wanted).items():
         if version is None and package in extras.packages:
             raise ConfigError("IMAGE_PACKAGES", f"{package} is not in Debian {debian.SUITE} as apt here knows it")
         if version is None:
