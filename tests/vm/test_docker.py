@@ -23,7 +23,9 @@ import pytest
 from ccci.pipeline.scheduler import run_pipeline
 from ccci.pipeline.spec import parse_pipeline
 from ccci.vm.image import build_image
+from ccci.vm.slots import acquire_slot
 from ccci.vm.sweep import _processes_using
+from tests.e2e.test_control import wait_until
 from tests.vm.vmhelpers import REPO, STACK, fork_files, run
 
 # The first test may build the image and boot the base. One xdist worker runs them all (they
@@ -197,3 +199,39 @@ def test_sigkill_of_the_owner_mid_deploy_then_sweep_leaves_nothing(docker_cache,
     assert done.returncode == 0, done.stderr
     assert fork_files(state_dir) == []
     assert _processes_using(state_dir) == [] and _processes_using(state_dir.resolve()) == []
+
+
+def test_ccci_test_runs_a_recipe_in_a_docker_fork_after_waiting_visibly_for_a_slot(docker_cache, state_dir, tmp_path):
+    """Through the harness: the pipeline's default image is docker; a busy host queues the run."""
+    recipe = tmp_path / "recipe"
+    recipe.mkdir()
+    (recipe / "ci.yml").write_text(  # no image: key, so the docker image
+        "steps:\n  - name: swarm\n    run: docker info --format '{{.Swarm.LocalNodeState}} {{.Driver}}'\n"
+    )
+    env = {**os.environ, "CCCI_STATE_DIR": str(state_dir), "CCCI_LOCK_DIR": str(tmp_path / "locks"),
+           "CCCI_ABRA_HOME": str(tmp_path / "abra"), "CCCI_EXECUTOR": "auto", "CCCI_DOCKER_SLOTS": "1"}  # fmt: skip
+    release = acquire_slot(state_dir / "vm" / "slots", 1)  # another run holds the host's one slot
+    released = False
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "ccci", "test", str(recipe), "--source", str(recipe), "--json"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        wait_until(lambda: any("waiting for a Docker slot" in e.get("text", "") for e in _events(state_dir)),
+                   timeout=120, what="the run to say it waits for a Docker slot")  # fmt: skip
+        release()
+        released = True
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if not released:
+            release()
+    assert proc.returncode == 0, err[-3000:]
+    [step] = json.loads(out)["steps"]
+    assert step["stdout"] == "active overlay2\n"
+    assert "qemu microVM forks of the docker image" in err
+    assert any(e.get("text", "").startswith("got a Docker slot after") for e in _events(state_dir))
+
+
+def _events(state_dir: Path) -> list[dict]:
+    events = []
+    for path in (state_dir / "runs").glob("*/events.jsonl"):
+        events += [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return events
