@@ -43,7 +43,7 @@ from .image import ImageInfo, find_image
 from .instance import Layout, Vm
 from .network import guest_registry_url
 from .owner import claim, new_tag
-from .slots import acquire_slot, slot_count
+from .slots import RunSlot, slot_count
 
 log = logging.getLogger(__name__)
 GUEST_ENV = {
@@ -100,14 +100,9 @@ class QemuExecutor:
         self.mirror_url = guest_registry_url(registry_mirror) if registry_mirror else ""
         self.preload = tuple(Path(p) for p in preload)
         self.extras = extras
-        self.slots = slot_count(slots)
-        self.on_wait = on_wait or self.log
-        self.interrupted = interrupted
+        self.slot = RunSlot(vm_dir(self.state_dir) / "slots", slot_count(slots), on_wait or self.log, interrupted)
         self._bases: dict[str, Snapshot] = {}
         self._lock = threading.Lock()
-        self._slot_lock = threading.Lock()
-        self._slot_users = 0
-        self._slot_release: Callable[[], None] | None = None
 
     def warm_base(self, image: str | None = None) -> Snapshot:
         """Return the warm base of ``image``, booting and saving it on first use."""
@@ -138,24 +133,6 @@ class QemuExecutor:
                 f"the {info.name} image was built with other IMAGE_FILES/IMAGE_PACKAGES than configured; "
                 f"run: python -m ccci image build {info.name}"
             )
-
-    def hold_slot(self) -> None:
-        """Count one more Docker machine of this run; the first one waits for a host-wide slot."""
-        with self._slot_lock:
-            if self._slot_users == 0:
-                directory = vm_dir(self.state_dir) / "slots"
-                self._slot_release = acquire_slot(
-                    directory, self.slots, on_wait=self.on_wait, interrupted=self.interrupted
-                )
-            self._slot_users += 1
-
-    def drop_slot(self) -> None:
-        """Count one Docker machine fewer; the last one gives the slot back."""
-        with self._slot_lock:
-            self._slot_users -= 1
-            if self._slot_users == 0 and self._slot_release is not None:
-                self._slot_release()
-                self._slot_release = None
 
     def boot(self, workspace: Path, image: str | None = None) -> QemuMachine:
         """Fork a machine from the warm base of ``image`` with a copy of ``workspace`` inside."""
@@ -216,7 +193,7 @@ class QemuMachine:
     def _start(self) -> None:
         image = self.source.layout.image
         if image.heavy:
-            self.executor.hold_slot()
+            self.executor.slot.hold()
             self._slotted = True
         started = time.monotonic()
         self.dir.mkdir(parents=True)
@@ -412,7 +389,7 @@ class QemuMachine:
             shutil.rmtree(self.dir, ignore_errors=True)
             if self._slotted:
                 self._slotted = False
-                self.executor.drop_slot()
+                self.executor.slot.drop()
 
     def __enter__(self) -> QemuMachine:
         return self

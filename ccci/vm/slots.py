@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,3 +71,41 @@ def _holders(directory: Path, count: int) -> list[str]:
         if pid.isdigit():
             found.append(f"pid {pid}")
     return found
+
+
+class RunSlot:
+    """The one slot of a run: taken for its first Docker machine, given back after its last.
+
+    Counted per executor (one per run); thread-safe. Only taking it can wait, and only while
+    the run has no machine, so a machine's close never waits behind it.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        count: int,
+        on_wait: Callable[[str], None] | None = None,
+        interrupted: Callable[[], bool] | None = None,
+    ):
+        self.directory, self.count = directory, count
+        self.on_wait, self.interrupted = on_wait, interrupted
+        self._lock = threading.Lock()
+        self._users = 0
+        self._release: Callable[[], None] | None = None
+
+    def hold(self) -> None:
+        """Count one more machine; the first one waits for a host-wide slot."""
+        with self._lock:
+            if self._users == 0:
+                self._release = acquire_slot(
+                    self.directory, self.count, on_wait=self.on_wait, interrupted=self.interrupted
+                )
+            self._users += 1
+
+    def drop(self) -> None:
+        """Count one machine fewer; the last one gives the slot back."""
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and self._release is not None:
+                self._release()
+                self._release = None
