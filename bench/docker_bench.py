@@ -74,20 +74,22 @@ def run(machine: QemuMachine, command: str, env: dict[str, str] | None = None) -
     return text
 
 
-def workload(machine: QemuMachine, quick: bool, marker: str) -> None:
+def workload(machine: QemuMachine, quick: bool, marker: str, compose: str = "compose.yml") -> None:
     """Deploy the stack until it answers through the mesh (or, quick: run one container)."""
     if quick:
         run(machine, "docker run --rm ccci/busybox:latest true")
     else:
-        out = run(machine, "./deploy.sh", env={"MARKER": marker})
+        out = run(machine, "./deploy.sh", env={"MARKER": marker, "COMPOSE": compose})
         assert f"<h1>{marker}</h1>" in out, out
 
 
-def fork_to_ready(executor: QemuExecutor, workspace: Path, quick: bool, marker: str) -> tuple[float, dict]:
+def fork_to_ready(
+    executor: QemuExecutor, workspace: Path, quick: bool, marker: str, compose: str = "compose.yml"
+) -> tuple[float, dict]:
     """Fork the warm base, run the workload; return the seconds from spawn and the QEMU's memory (and CPU)."""
     started = time.monotonic()
     with executor.boot(workspace) as machine:
-        workload(machine, quick, marker)
+        workload(machine, quick, marker, compose)
         took = time.monotonic() - started
         assert machine.pid is not None
         return took, {**memory(machine.pid), "cpu_s": round(cpu_seconds(machine.pid), 1)}
@@ -174,6 +176,9 @@ def main() -> int:
             say(f"fork (tb-size {tb}) → {what}: {by_tb[tb][0]:.1f}s, memory {by_tb[tb][1]}")
         fork_s, fork_mem = by_tb[TB_CAPPED]
         wide_s, wide_mem = by_tb[TB_QEMU_DEFAULT]
+        one = None if args.quick else fork_to_ready(capped, workspace, False, "one", "compose.one.yml")
+        if one is not None:
+            say(f"fork → one-service stack ready: {one[0]:.1f}s, memory {one[1]}")
         pair_wall, pair = concurrent(capped, workspace, args.quick)
         say(f"two forks at once: wall {pair_wall:.1f}s, each {[round(s, 1) for s, _ in pair]}")
         cold_s, cold_cpu = (None, None) if args.quick else cold_to_ready(capped, workspace, scratch, args.quick)
@@ -195,8 +200,12 @@ def main() -> int:
          f"fork {fork_mem['cpu_s']:.0f} s, cold {cold_cpu:.0f} s" if cold_cpu else f"fork {fork_mem['cpu_s']:.0f} s",
          f"{fork_mem['cpu_s'] / cold_cpu:.2f} of cold" if cold_cpu else ""),
         (f"Private memory of that fork, tb-size {TB_CAPPED}", mib(fork_private),
-         f"target < 512 MiB: {'met' if fork_private < 512 * MIB else 'MISSED'}; "
          f"of it dirty {mib(fork_mem['Private_Dirty'])}, PSS {mib(fork_mem['Pss'])}"),
+        *([] if one is None else [
+            (f"One-service stack (compose.one.yml), tb-size {TB_CAPPED}: fork → ready, private memory",
+             f"{one[0]:.1f} s, {mib(one[1]['Private'])}",
+             f"target < 512 MiB: {'met' if one[1]['Private'] < 512 * MIB else 'MISSED'}; "
+             f"dirty {mib(one[1]['Private_Dirty'])}, QEMU CPU {one[1]['cpu_s']:.0f} s")]),
         *[(f"Same fork with tb-size {tb}" + (" (QEMU's default)" if tb == TB_QEMU_DEFAULT else ""),
            mib(m["Private"]), f"{s:.1f} s to ready ({s / fork_s:.2f} of the configured {TB_CAPPED}); "
            f"dirty {mib(m['Private_Dirty'])}") for tb, (s, m) in by_tb.items() if tb != TB_CAPPED],
@@ -221,7 +230,8 @@ def main() -> int:
         *[f"| {a} | {b} | {c} |" for a, b, c in rows],
         "",
         f"Raw: first commands {', '.join(f'{f:.2f}' for f in firsts)} s; memory (KiB) by tb-size "
-        f"{ {tb: m for tb, (_, m) in by_tb.items()} }, pair {[m for _, m in pair]}.",
+        f"{ {tb: m for tb, (_, m) in by_tb.items()} }, pair {[m for _, m in pair]}"
+        + (f", one-service {one[1]}." if one else "."),
         "",
         "A fork restores the warm base (dockerd running, swarm active, `proxy` network, the busybox",
         "image, a container and a mesh service already run once) and runs the workload; the cold path",
