@@ -17,7 +17,7 @@ from ..pipeline.executor import Executor
 from ..pipeline.spec import DEFAULT_IMAGE
 from .extras import ImageExtras
 from .host import detect_accel, qemu_binary
-from .image import find_image
+from .image import BUILDERS, find_image
 
 
 def choose_executor(
@@ -70,6 +70,8 @@ def choose_executor(
 def _qemu_unavailable(settings: Settings, image: str, extras: ImageExtras) -> str | None:
     if qemu_binary() is None:
         return "qemu-system-x86_64 is not installed"
+    if image not in BUILDERS:
+        return f"ci.yml asks for image {image!r}, which this ccci does not build (it builds {', '.join(BUILDERS)})"
     info = find_image(image, settings.STATE_DIR)
     if info is None:
         return f"the {image!r} guest image is not built (python -m ccci image build {image})"

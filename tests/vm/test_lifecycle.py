@@ -200,3 +200,5 @@ def test_auto_uses_qemu_only_when_the_pipelines_image_is_built(state_dir, tmp_pa
     assert chosen.name != "qemu" and "the 'docker' guest image is not built" in logs[-1]
     chosen = choose_executor(load_settings({}, STATE_DIR=tmp_path / "no-images"), logs.append, image="tiny")
     assert chosen.name != "qemu" and "not built" in logs[-1]
+    chosen = choose_executor(load_settings({}, STATE_DIR=state_dir), logs.append, image="abra-debian")
+    assert chosen.name != "qemu" and "which this ccci does not build (it builds tiny, docker)" in logs[-1]
