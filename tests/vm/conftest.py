@@ -9,7 +9,8 @@ The docker image is built into the same cache on first use (about a minute) and 
 booted once (about two minutes under TCG); later sessions find both. Docker tests take the
 host-wide Docker slot (one at a time), so they never crowd each other on the cores.
 
-The soak is not part of the default run: ``.venv/bin/pytest -m soak tests/vm``.
+The soak is not part of the default run: ``.venv/bin/pytest -m soak tests/vm``; nor are the
+``slow`` tests, which boot a warm base of their own (``-m slow``).
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ DOCKER_TOOLS = ("mmdebstrap", "docker-registry", "umoci", "skopeo")
 
 
 def pytest_collection_modifyitems(config, items):
-    if "soak" in (config.option.markexpr or ""):
-        return
-    skip = pytest.mark.skip(reason="soak: run with .venv/bin/pytest -m soak tests/vm")
-    for item in items:
-        if "soak" in item.keywords:
-            item.add_marker(skip)
+    for marker, why in (("soak", "soak"), ("slow", "slow (boots a warm base of its own)")):
+        if marker in (config.option.markexpr or ""):
+            continue
+        skip = pytest.mark.skip(reason=f"{why}: run with .venv/bin/pytest -m {marker} tests/vm")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ import pytest
 from ccci.pipeline.scheduler import run_pipeline
 from ccci.pipeline.spec import parse_pipeline
 from ccci.vm.image import build_image
+from ccci.vm.qemu import QemuExecutor
 from ccci.vm.slots import acquire_slot
 from ccci.vm.sweep import _processes_using
 from tests.e2e.test_control import wait_until
@@ -235,3 +236,22 @@ def _events(state_dir: Path) -> list[dict]:
     for path in (state_dir / "runs").glob("*/events.jsonl"):
         events += [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
     return events
+
+
+@pytest.mark.slow
+def test_an_image_archive_is_preloaded_into_the_warm_base(docker_cache, state_dir, registry, tmp_path):
+    """DOCKER_PRELOAD: a docker-archive made without Docker (skopeo) is in every fork's image store."""
+    archive = tmp_path / "hello.tar"
+    copy = subprocess.run(["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
+                           f"docker://{registry}/library/hello:1", f"docker-archive:{archive}:preloaded/hello:1"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert copy.returncode == 0, copy.stderr
+    # Its own bases directory: this base is keyed by the archive and not worth sharing.
+    (state_dir / "vm" / "bases").unlink()
+    (state_dir / "vm" / "bases").mkdir()
+    executor = QemuExecutor(state_dir, image="docker", preload=(archive,), slots=1)
+    base = executor.warm_base()
+    assert json.loads((base.dir / "meta.json").read_text())["preload"] == [str(archive)]
+    with executor.fork_from(base, None) as machine:
+        _, out, _ = run(machine, "docker image ls --format '{{.Repository}}:{{.Tag}}' preloaded/hello")
+        assert out == "preloaded/hello:1\n"
