@@ -235,9 +235,11 @@ def cmd_sweep(settings, args) -> int:
 
 def cmd_image_build(settings, args) -> int:
     """Build a guest image into the cache."""
+    from .vm.extras import ImageExtras
     from .vm.image import build_image
 
-    info = build_image(args.name, settings.STATE_DIR, progress=lambda msg: print(msg, file=sys.stderr))
+    extras = ImageExtras.from_settings(settings)  # IMAGE_FILES, IMAGE_PACKAGES (the docker image)
+    info = build_image(args.name, settings.STATE_DIR, progress=lambda msg: print(msg, file=sys.stderr), extras=extras)
     parts = {"kernel": info.kernel, "initramfs": info.initrd, "disk": info.disk}
     if args.json:
         data = {"name": info.name, "hash": info.hash, "dir": str(info.dir), "kernel_package": info.kernel_package,

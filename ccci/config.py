@@ -165,6 +165,34 @@ class Settings:
             "duration": True,
         },
     )
+    VM_MEMORY_MB: int = field(
+        default=0,
+        metadata={"doc": "Guest RAM of QEMU machines in MiB; 0: the image's own default (tiny 256, docker 1024)"},
+    )
+    VM_TB_SIZE_MB: int = field(
+        default=256,
+        metadata={
+            "doc": "TCG translation buffer of each QEMU in MiB (QEMU's own default, 1024, is mostly private memory)"
+        },
+    )
+    IMAGE_FILES: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "doc": "Files put into the docker image, as GUEST_PATH=HOST_PATH (e.g. /usr/local/bin/abra=/opt/abra)"
+        },
+    )
+    IMAGE_PACKAGES: tuple[str, ...] = field(default=(), metadata={"doc": "Extra Debian packages for the docker image"})
+    REGISTRY_MIRROR: str = field(
+        default="",
+        metadata={"doc": "Registry Docker forks pull through: HOST:PORT or http(s)://HOST:PORT (127.0.0.1: this host)"},
+    )
+    DOCKER_PRELOAD: tuple[str, ...] = field(
+        default=(), metadata={"doc": "Image archives (docker save or OCI tarballs) loaded into the docker warm base"}
+    )
+    DOCKER_SLOTS: int = field(
+        default=0,
+        metadata={"doc": "Runs that may hold Docker machines at once on this host; 0: one per CPU core; the rest wait"},
+    )
     LOG_LEVEL: str = field(
         default="info", metadata={"doc": "Which log lines are written: debug, info, warning or error"}
     )

@@ -230,7 +230,10 @@ def _pipeline(settings: Settings, request: RunRequest, guard: LifetimeGuard, fil
             log.info,
             confinement=confinement_for(settings, box, network=pipeline.network),
             setup=pipeline.setup or "",
+            image=pipeline.image,
             artifacts_dir=brought_out,
+            on_wait=lambda text: _machine_waiting(out, text),
+            interrupted=guard.is_set,
         )
         out.say(f"executor: {executor.name}")
         guard.check()
@@ -330,6 +333,12 @@ def _waiting(out: RunOutput, domain: str, holder: LockHolder | None) -> None:
     who = f"run {holder.run_id}" if holder is not None else "another run"
     out.say(f"waiting for {domain}: {who} holds it")
     out.emit(Event(kind="waiting", step="", at=time.time(), text=f"waiting for {domain}: held by {who}"))
+
+
+def _machine_waiting(out: RunOutput, text: str) -> None:
+    # From the machine-booting thread: a line in the log and a "waiting" event the comment shows.
+    out.say(text)
+    out.emit(Event(kind="waiting", step="", at=time.time(), text=text))
 
 
 def _report_run_id(run_id: str) -> int | str:

@@ -2,7 +2,7 @@
 
     timeout: 1800            # the whole run, seconds (default 3600)
     parallelism: 4           # steps running at once (default 4)
-    image: abra-debian       # VM image for the VM executor (default: the executor's own)
+    image: docker            # VM image: docker (default: Docker and abra) or tiny (ccci's own tests)
     setup: apt-get install -y jq   # VM executor: run once in the warm base, cached by image + setup
     network: true            # process sandbox: steps may use the host's network (default false)
     env:                     # added to every step's environment
@@ -52,6 +52,7 @@ from .yamlfile import mark_of as _mark
 
 DEFAULT_TIMEOUT = 3600.0
 DEFAULT_PARALLELISM = 4
+DEFAULT_IMAGE = "docker"  # the guest image that can run Docker and abra; tiny is for ccci's own tests
 TEARDOWN_TIMEOUT = 600.0
 MIN_SECRET = 8
 
@@ -102,8 +103,9 @@ class Step:
 class Pipeline:
     """A validated ci.yml: run-wide settings and an acyclic graph of Steps, in declaration order.
 
-    ``image`` and ``setup`` are for the VM executor: the machine image, and a command run once
-    in the warm base every fork starts from (cached by image + setup, so later runs skip it).
+    ``image`` and ``setup`` are for the VM executor: the machine image (``docker`` unless the file
+    says otherwise), and a command run once in the warm base every fork starts from (cached by
+    image + setup, so later runs skip it).
     The process sandbox has no base to prepare; it ignores both, and the report says so.
     ``network``: steps in the process sandbox get the host's network only when it is true (a
     QEMU fork always has its own private user-mode network).
@@ -113,7 +115,7 @@ class Pipeline:
     steps: tuple[Step, ...]
     timeout: float = DEFAULT_TIMEOUT
     parallelism: int = DEFAULT_PARALLELISM
-    image: str | None = None
+    image: str = DEFAULT_IMAGE
     setup: str | None = None
     env: tuple[EnvVar, ...] = ()
     network: bool = False  # process sandbox: share the host's network (abra must reach its servers)
@@ -173,7 +175,7 @@ def parse_pipeline(data: Any, path: Path) -> Pipeline:
         steps=steps,
         timeout=_seconds(data.get("timeout", DEFAULT_TIMEOUT), f"{at('timeout')}: key 'timeout'"),
         parallelism=_count(data.get("parallelism", DEFAULT_PARALLELISM), f"{at('parallelism')}: key 'parallelism'"),
-        image=_text(data.get("image"), f"{at('image')}: key 'image'", optional=True),
+        image=_text(data.get("image", DEFAULT_IMAGE), f"{at('image')}: key 'image'") or DEFAULT_IMAGE,
         setup=_text(data.get("setup"), f"{at('setup')}: key 'setup'", optional=True),
         env=_env(data.get("env", {}), f"{at('env')}: key 'env'"),
         network=_flag(data.get("network", False), f"{at('network')}: key 'network'"),

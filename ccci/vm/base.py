@@ -1,8 +1,10 @@
 """Warm bases and snapshots: frozen machine states that forks start from.
 
-A warm base is the image booted once, the pipeline's setup run in it, then saved with its RAM
-in a shared file and only the device state in the migration stream (``x-ignore-shared``). It is
-cached by the hash of image and setup, so later runs never boot::
+A warm base is the image booted once and readied — the image's own warm-up (the docker image
+starts dockerd and its swarm), image archives loaded into Docker, the pipeline's setup, a
+``sync`` — then saved with its RAM in a shared file and only the device state in the migration
+stream (``x-ignore-shared``). It is cached by the hash of everything that went into it (image,
+device set, RAM size, preloaded archives, setup, QEMU version), so later runs never boot::
 
     STATE_DIR/vm/bases/<key>/
       mem         guest RAM (read-only; forks map it privately, copy-on-write)
@@ -30,10 +32,12 @@ from pathlib import Path
 
 from ..errors import PermanentInfraError, TransientInfraError
 from .agent import AgentLost
-from .instance import Layout, Vm
+from .instance import DEVICES, Layout, Vm
 from .owner import claim, new_tag
+from .tool import file_hash
 
-BOOT_TIMEOUT = 120.0  # a cold TCG boot takes ~4 s; this is for a loaded host
+BOOT_TIMEOUT = 120.0  # a cold TCG boot takes ~4 s (tiny) to ~10 s (docker); this is for a loaded host
+PREPARE_TIMEOUT = 1800.0  # the docker warm-up takes ~2 min under TCG on an idle host
 SETUP_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
 
 
@@ -44,6 +48,7 @@ class Snapshot:
     dir: Path
     layout: Layout
     cached: bool = False
+    is_base: bool = False  # a warm base (a fork of it needs per-fork setup), not a checkpoint
 
     @property
     def mem(self) -> Path:
@@ -75,36 +80,46 @@ def logs_dir(state_dir: Path) -> Path:
     return vm_dir(state_dir) / "logs"
 
 
-def base_key(layout: Layout, setup: str) -> str:
-    """Return the cache key of the warm base for this image, machine shape and setup."""
+def base_key(layout: Layout, setup: str, preload: tuple[Path, ...] = ()) -> str:
+    """Return the cache key of the warm base for this image, machine shape, preloads and setup."""
     h = hashlib.sha256()
-    for part in (layout.image.hash, layout.accel.name, str(layout.memory_mb), setup, _qemu_version()):
+    parts = [layout.image.hash, layout.accel.name, str(layout.memory_mb), setup, _qemu_version(), DEVICES]
+    for part in [*parts, *(file_hash(p) for p in preload)]:
         h.update(hashlib.sha256(part.encode()).digest())
     return h.hexdigest()[:24]
 
 
-def warm_base(layout: Layout, setup: str, state_dir: Path, log: Callable[[str], None]) -> Snapshot:
-    """Return the warm base for ``layout`` and ``setup``, booting and saving it if not cached."""
+def warm_base(
+    layout: Layout, setup: str, state_dir: Path, log: Callable[[str], None], preload: tuple[Path, ...] = ()
+) -> Snapshot:
+    """Return the warm base for ``layout``, ``preload`` and ``setup``, booting and saving it if not cached.
+
+    ``preload``: image archives (``docker save`` or OCI tarballs) to ``docker load`` in the base.
+    """
     bases = vm_dir(state_dir) / "bases"
     bases.mkdir(parents=True, exist_ok=True)
-    key = base_key(layout, setup)
+    for archive in preload:
+        if not archive.is_file():
+            raise PermanentInfraError(f"DOCKER_PRELOAD: {archive} is not a file")
+    key = base_key(layout, setup, preload)
     target = bases / key
     if (target / "meta.json").exists():
-        return Snapshot(target, layout, cached=True)
+        return Snapshot(target, layout, cached=True, is_base=True)
     # One builder per key, across processes; the others wait and then find it built.
     lock_fd = os.open(bases / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         if (target / "meta.json").exists():
-            return Snapshot(target, layout, cached=True)
+            return Snapshot(target, layout, cached=True, is_base=True)
         started = time.monotonic()
         building = bases / new_tag("building")
         building.mkdir()
         try:
             claim(building)
-            _boot_and_save(layout, setup, building, logs_dir(state_dir), log)
+            _boot_and_save(layout, setup, preload, building, logs_dir(state_dir), log)
             meta = {"image": layout.image.hash, "accel": layout.accel.name, "memory_mb": layout.memory_mb,
-                    "setup": setup, "boot_s": round(time.monotonic() - started, 3)}  # fmt: skip
+                    "devices": DEVICES, "preload": [str(p) for p in preload], "setup": setup,
+                    "boot_s": round(time.monotonic() - started, 3)}  # fmt: skip
             (building / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
             (building / "owner").unlink()
             building.rename(target)
@@ -112,12 +127,14 @@ def warm_base(layout: Layout, setup: str, state_dir: Path, log: Callable[[str], 
             shutil.rmtree(building, ignore_errors=True)
             raise
         log(f"warm base {key} saved in {time.monotonic() - started:.1f}s")
-        return Snapshot(target, layout)
+        return Snapshot(target, layout, is_base=True)
     finally:
         os.close(lock_fd)
 
 
-def _boot_and_save(layout: Layout, setup: str, into: Path, logs: Path, log: Callable[[str], None]) -> None:
+def _boot_and_save(
+    layout: Layout, setup: str, preload: tuple[Path, ...], into: Path, logs: Path, log: Callable[[str], None]
+) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     overlay(layout.image.disk, into / "disk.qcow2")
     name = into.name
@@ -129,18 +146,48 @@ def _boot_and_save(layout: Layout, setup: str, into: Path, logs: Path, log: Call
             vm.agent.wait_ready(BOOT_TIMEOUT)
         except AgentLost as exc:
             raise TransientInfraError(f"the base never came up: {exc}\n{vm.log_tail()}") from None
+        log(f"warm base {into.name}: booted image {layout.image.name}")
+        if layout.image.prepare:
+            _step(vm, layout.image.prepare, f"the {layout.image.name} image's warm-up", log, PREPARE_TIMEOUT)
+        for archive in preload:
+            log(f"warm base {into.name}: docker load < {archive}")
+            _step(vm, "docker load", f"docker load of {archive}", log, PREPARE_TIMEOUT, stdin=_blocks(archive))
         if setup:
-            output: list[bytes] = []
-            outcome = vm.agent.run(setup, "/", SETUP_ENV, on_output=lambda _s, chunk: output.append(chunk))
-            if outcome.status != 0:
-                tail = b"".join(output)[-2000:].decode(errors="replace")
-                raise PermanentInfraError(f"the warm base's setup exited {outcome.status}:\n{tail}")
+            _step(vm, setup, "the warm base's setup", log, None)
+        _step(vm, "sync", "sync", log, BOOT_TIMEOUT)  # the frozen disk layer holds what the page cache says
         save(vm, into / "state", device_only=True)
     finally:
         vm.kill()
     (into / "pin").touch()
     for part in ("mem", "state", "disk.qcow2"):
         (into / part).chmod(0o444)
+
+
+def _step(vm: Vm, command: str, what: str, log: Callable[[str], None], timeout: float | None, stdin=None) -> None:
+    """Run one command of the base's preparation, passing its output lines to ``log``."""
+    output: list[bytes] = []
+    pending = bytearray()
+
+    def sink(_stream: str, chunk: bytes) -> None:
+        output.append(chunk)
+        pending.extend(chunk)
+        while b"\n" in pending:
+            line, _, rest = bytes(pending).partition(b"\n")
+            pending[:] = rest
+            if line.strip():
+                log(line.decode(errors="replace"))
+
+    outcome = vm.agent.run(command, "/", SETUP_ENV, stdin=stdin, on_output=sink, timeout=timeout)
+    if outcome.timed_out:
+        raise TransientInfraError(f"{what} did not finish within {timeout:.0f}s")
+    if outcome.status != 0:
+        tail = b"".join(output)[-2000:].decode(errors="replace")
+        raise PermanentInfraError(f"{what} exited {outcome.status}:\n{tail}")
+
+
+def _blocks(path: Path, size: int = 1 << 20):
+    with path.open("rb") as f:
+        yield from iter(lambda: f.read(size), b"")
 
 
 def save(vm: Vm, state: Path, device_only: bool) -> None:

@@ -1,4 +1,10 @@
-"""Choosing an executor: QEMU microVM forks when they can run here, else the process sandbox."""
+"""Choosing an executor: QEMU microVM forks when the pipeline's image can run here, else the process sandbox.
+
+A pipeline names its guest image (ci.yml ``image:``, default ``docker``). ``EXECUTOR=auto`` uses
+QEMU only when that very image is built (and built with the configured extras), so building
+``tiny`` never sends a real recipe to a machine without Docker; the choice and its reason are
+logged.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,11 @@ from pathlib import Path
 from ..config import Settings
 from ..errors import ConfigError
 from ..pipeline.executor import Executor
+from ..pipeline.spec import DEFAULT_IMAGE
+from .extras import ImageExtras
 from .host import detect_accel, qemu_binary
-from .image import find_image
+from .image import BUILDERS, find_image
 from .process import Confinement, ProcessExecutor
-
-DEFAULT_IMAGE = "tiny"
 
 
 def choose_executor(
@@ -21,35 +27,63 @@ def choose_executor(
     *,
     confinement: Confinement | None = None,
     setup: str = "",
+    image: str | None = None,
     artifacts_dir: Path | None = None,
+    on_wait: Callable[[str], None] | None = None,
+    interrupted: Callable[[], bool] | None = None,
 ) -> Executor:
     """Return the executor ``settings.EXECUTOR`` asks for, logging which one and why.
 
     ``confinement``: what the process sandbox lets steps touch (vm/process.py). ``setup``: the
-    pipeline's command for the QEMU executor's warm base. ``artifacts_dir``: where QEMU machines
-    bring the steps' artifacts out to.
+    pipeline's command for the QEMU executor's warm base. ``image``: the pipeline's guest image.
+    ``artifacts_dir``: where QEMU machines bring the steps' artifacts out to. ``on_wait`` hears
+    that the run waits for a Docker slot; ``interrupted`` ends that wait.
     """
     wanted = settings.EXECUTOR
+    image = image or DEFAULT_IMAGE
     confinement = confinement or Confinement()
     if wanted == "local":
         return _process(log, "EXECUTOR=local", confinement)
-    reason = _qemu_unavailable(settings)
+    extras = ImageExtras.from_settings(settings)
+    reason = _qemu_unavailable(settings, image, extras)
     if reason is None:
         from .qemu import QemuExecutor
 
         accel = detect_accel()
-        log(f"executor: qemu microVM forks ({accel.name}: {accel.reason})")
-        return QemuExecutor(settings.STATE_DIR, image=DEFAULT_IMAGE, setup=setup, log=log, artifacts_dir=artifacts_dir)
+        log(f"executor: qemu microVM forks of the {image} image ({accel.name}: {accel.reason})")
+        return QemuExecutor(
+            settings.STATE_DIR,
+            image=image,
+            setup=setup,
+            log=log,
+            memory_mb=settings.VM_MEMORY_MB,
+            tb_size_mb=settings.VM_TB_SIZE_MB,
+            registry_mirror=settings.REGISTRY_MIRROR,
+            preload=tuple(Path(p).expanduser() for p in settings.DOCKER_PRELOAD),
+            extras=extras,
+            slots=settings.DOCKER_SLOTS,
+            on_wait=on_wait,
+            interrupted=interrupted,
+            artifacts_dir=artifacts_dir,
+        )
     if wanted == "qemu":
         raise ConfigError("EXECUTOR", f"qemu was asked for but cannot run: {reason}")
     return _process(log, f"EXECUTOR=auto and {reason}", confinement)
 
 
-def _qemu_unavailable(settings: Settings) -> str | None:
+def _qemu_unavailable(settings: Settings, image: str, extras: ImageExtras) -> str | None:
     if qemu_binary() is None:
         return "qemu-system-x86_64 is not installed"
-    if find_image(DEFAULT_IMAGE, settings.STATE_DIR) is None:
-        return f"the {DEFAULT_IMAGE!r} guest image is not built (python -m ccci image build {DEFAULT_IMAGE})"
+    if image not in BUILDERS:
+        return f"ci.yml asks for image {image!r}, which this ccci does not build (it builds {', '.join(BUILDERS)})"
+    info = find_image(image, settings.STATE_DIR)
+    if info is None:
+        return f"the {image!r} guest image is not built (python -m ccci image build {image})"
+    if info.heavy and info.extras != extras.digest():
+        return (
+            f"the {image!r} guest image was built with other IMAGE_FILES/IMAGE_PACKAGES than configured "
+            f"(python -m ccci image build {image})"
+        )
     return None
 
 

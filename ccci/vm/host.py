@@ -23,12 +23,16 @@ class Accel:
     name: str  # "kvm" | "tcg"
     reason: str
 
-    def qemu_args(self) -> list[str]:
-        """Return the accelerator and CPU arguments; they must match between base and forks."""
+    def qemu_args(self, tb_size_mb: int = 0) -> list[str]:
+        """Return the accelerator and CPU arguments; the CPU must match between base and forks.
+
+        ``tb_size_mb`` caps TCG's translation buffer (0: QEMU's default); KVM has none.
+        """
         if self.name == "kvm":
             # -arch-capabilities: some hosts refuse to set that MSR for the guest.
             return ["-accel", "kvm", "-cpu", "host,-arch-capabilities"]
-        return ["-accel", "tcg", "-cpu", "max"]
+        tcg = f"tcg,tb-size={tb_size_mb}" if tb_size_mb > 0 else "tcg"
+        return ["-accel", tcg, "-cpu", "max"]
 
 
 @cache

@@ -25,14 +25,23 @@ from .host import QEMU, Accel, qemu_binary, tsc_khz
 from .image import ImageInfo
 from .qmp import Qmp
 
+# The device set, as a version: a saved state only loads into a QEMU with the same devices, so
+# warm bases are keyed by it. 2: every machine has its own user-mode network.
+DEVICES = "2"
+
 
 @dataclass(frozen=True)
 class Layout:
-    """What a VM is made of; a base and its forks must agree on all of it but the files."""
+    """What a VM is made of; a base and its forks must agree on all of it but the files.
+
+    ``tb_size_mb`` caps TCG's translation buffer (0: QEMU's default, 1 GiB), which is private
+    memory of every QEMU; it is not part of the saved state, so bases and forks may differ in it.
+    """
 
     image: ImageInfo
     accel: Accel
     memory_mb: int
+    tb_size_mb: int = 0
 
     def argv(self, mem_path: Path, shared: bool, disk: Path, incoming: bool) -> list[str]:
         """Return the QEMU command line (without the channel arguments)."""
@@ -44,7 +53,7 @@ class Layout:
         argv = [
             QEMU,
             "-M", "microvm,memory-backend=mem",
-            *self.accel.qemu_args(),
+            *self.accel.qemu_args(self.tb_size_mb),
             "-object",
             f"memory-backend-file,id=mem,size={self.memory_mb}M,mem-path={mem_path},"
             f"share={'on' if shared else 'off'}",
@@ -55,6 +64,11 @@ class Layout:
             "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
             "-drive", f"if=none,id=data,file={disk},format=qcow2,cache=unsafe",
             "-device", "virtio-blk-device,drive=data",
+            # QEMU's user-mode network, private to this process: forks never see each other (the
+            # same MAC and 10.0.2.15 in every fork is harmless), the host is 10.0.2.2, and
+            # nothing comes in: there is no hostfwd.
+            "-netdev", "user,id=net0",
+            "-device", "virtio-net-device,netdev=net0",
             "-device", "virtio-serial-device",
         ]  # fmt: skip
         if incoming:

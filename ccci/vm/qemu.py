@@ -9,6 +9,10 @@ A machine owns ``STATE_DIR/vm/fork-<pid>-<entropy>/`` (its disk overlay) and one
 ``close`` kills the process and removes the directory on every path, and ``sweep`` is the safety
 net when the owner was killed before it could. Its log stays in ``STATE_DIR/vm/logs/``.
 
+Docker machines (images marked ``heavy``) take a host-wide Docker slot first (``slots.py``),
+and a fork of a warm base is pointed at the registry mirror, when one is configured, before
+its first step.
+
 Supervision: starting a fork (restore, start, agent ready, workspace copy) is retried
 ``retries`` times on transient failures, and the count reaches the step as ``infra_retries``.
 A machine that dies, or does not stop a killed command within ``kill_grace``, is killed and
@@ -28,14 +32,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..config import Settings
 from ..errors import InfraError, PermanentInfraError, TransientInfraError
 from ..pipeline.executor import ARTIFACTS, TIMEOUT_EXIT, ExecRequest, ExecResult
 from .agent import AgentLost, AgentRefused
 from .base import Snapshot, logs_dir, overlay, restore, save, vm_dir, warm_base
+from .extras import ImageExtras
 from .host import Accel, detect_accel, qemu_binary
-from .image import find_image
+from .image import ImageInfo, find_image
 from .instance import Layout, Vm
+from .network import guest_registry_url
 from .owner import claim, new_tag
+from .slots import RunSlot, slot_count
 
 log = logging.getLogger(__name__)
 GUEST_ENV = {
@@ -43,7 +51,8 @@ GUEST_ENV = {
     "HOME": "/root",
     "LANG": "C.UTF-8",
 }
-READY_TIMEOUT = 60.0  # restore + first answer; ~0.5 s on an idle TCG host
+READY_TIMEOUT = 60.0  # restore + first answer; ~0.5 s (tiny) to ~3 s (docker) on an idle TCG host
+MIRROR_TIMEOUT = 120.0  # a fork's dockerd taking the registry mirror: a few seconds under TCG
 COPY_OUT_LIMIT = 128 << 20  # bytes of artifact archive taken out of a machine
 
 
@@ -59,13 +68,28 @@ class QemuExecutor:
         *,
         image: str = "tiny",
         setup: str = "",
-        memory_mb: int = 256,
+        memory_mb: int = 0,
+        tb_size_mb: int = Settings.VM_TB_SIZE_MB,
         retries: int = 2,
         kill_grace: float = 30.0,
         accel: Accel | None = None,
         log: Callable[[str], None] | None = None,
+        registry_mirror: str = "",
+        preload: tuple[Path, ...] = (),
+        extras: ImageExtras | None = None,
+        slots: int = 0,
+        on_wait: Callable[[str], None] | None = None,
+        interrupted: Callable[[], bool] | None = None,
         artifacts_dir: Path | None = None,
     ):
+        """Prepare an executor; nothing boots until the first machine is asked for.
+
+        ``memory_mb`` 0 means the image's own default. ``registry_mirror`` is REGISTRY_MIRROR as
+        configured (host side); ``preload`` are archives loaded into the Docker warm base;
+        ``extras`` are the image additions the configuration asks for (an image built with
+        other ones is refused). ``slots`` caps Docker runs host-wide (0: one per core);
+        ``on_wait`` hears about waiting for a slot and ``interrupted`` ends that wait.
+        """
         self.state_dir = Path(state_dir).resolve()
         # Where machines bring their workspace's artifacts out to, one subdirectory each; the
         # harness owns it and reads it with care (harness/artifacts.py). None: nothing comes out.
@@ -73,10 +97,15 @@ class QemuExecutor:
         self.image = image
         self.setup = setup
         self.memory_mb = memory_mb
+        self.tb_size_mb = tb_size_mb
         self.retries = retries
         self.kill_grace = kill_grace
         self.accel = accel or detect_accel()
         self.log = log or (lambda _msg: None)
+        self.mirror_url = guest_registry_url(registry_mirror) if registry_mirror else ""
+        self.preload = tuple(Path(p) for p in preload)
+        self.extras = extras
+        self.slot = RunSlot(vm_dir(self.state_dir) / "slots", slot_count(slots), on_wait or self.log, interrupted)
         self._bases: dict[str, Snapshot] = {}
         self._lock = threading.Lock()
 
@@ -93,10 +122,22 @@ class QemuExecutor:
                 raise PermanentInfraError(
                     f"guest image {name!r} is not built in {self.state_dir}; run: python -m ccci image build {name}"
                 )
-            layout = Layout(info, self.accel, self.memory_mb)
-            base = self._retrying(lambda: warm_base(layout, self.setup, self.state_dir, self.log))[0]
+            self._check_extras(info)
+            layout = Layout(info, self.accel, self.memory_mb or info.memory_mb, self.tb_size_mb)
+            preload = self.preload if info.heavy else ()
+            base = self._retrying(lambda: warm_base(layout, self.setup, self.state_dir, self.log, preload))[0]
             self._bases[name] = base
             return base
+
+    def _check_extras(self, info: ImageInfo) -> None:
+        if self.extras is None or not info.heavy:
+            return  # tiny takes no extras; without a configuration to compare, the image is as built
+        wanted = self.extras.digest()
+        if info.extras != wanted:
+            raise PermanentInfraError(
+                f"the {info.name} image was built with other IMAGE_FILES/IMAGE_PACKAGES than configured; "
+                f"run: python -m ccci image build {info.name}"
+            )
 
     def boot(self, workspace: Path, image: str | None = None) -> QemuMachine:
         """Fork a machine from the warm base of ``image`` with a copy of ``workspace`` inside."""
@@ -136,6 +177,7 @@ class QemuMachine:
         self.log_path: Path | None = logs / f"{self.name}.log"
         self.boot_retries = 0
         self.vm: Vm | None = None
+        self._slotted = False
         self._pin: int | None = None
         self._lock = threading.Lock()
         self._active = 0
@@ -154,6 +196,10 @@ class QemuMachine:
         return machine
 
     def _start(self) -> None:
+        image = self.source.layout.image
+        if image.heavy:
+            self.executor.slot.hold()
+            self._slotted = True
         started = time.monotonic()
         self.dir.mkdir(parents=True)
         claim(self.dir)
@@ -167,8 +213,21 @@ class QemuMachine:
         except AgentLost as exc:
             raise TransientInfraError(f"{self.name}: the agent never became ready: {exc}") from None
         self.started_s = time.monotonic() - started
+        if image.mirror and self.executor.mirror_url and self.source.is_base:
+            self._set_mirror(image.mirror, self.executor.mirror_url)
         if self.workspace is not None:
             self._copy_in(self.workspace)
+
+    def _set_mirror(self, command: str, url: str) -> None:
+        """Point the fork's dockerd at the registry mirror (a SIGHUP reload, not a restart)."""
+        errors: list[bytes] = []
+        outcome = self._run(
+            f"{command} {shlex.quote(url)}", "/", GUEST_ENV,
+            on_output=lambda _s, chunk: errors.append(chunk), timeout=MIRROR_TIMEOUT,
+        )  # fmt: skip
+        if outcome.status != 0:
+            detail = b"".join(errors)[-500:].decode(errors="replace")
+            raise TransientInfraError(f"{self.name}: setting the registry mirror {url} failed: {detail}")
 
     # -- running commands ---------------------------------------------------------------------
 
@@ -349,6 +408,9 @@ class QemuMachine:
                 os.close(self._pin)
                 self._pin = None
             shutil.rmtree(self.dir, ignore_errors=True)
+            if self._slotted:
+                self._slotted = False
+                self.executor.slot.drop()
 
     def __enter__(self) -> QemuMachine:
         return self

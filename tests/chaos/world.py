@@ -307,8 +307,15 @@ class ChaosWorld:
                               capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
 
     def runs(self) -> list[dict[str, Any]]:
-        """Return every run in the store, through ``ccci runs --json``."""
+        """Return every run in the store (``ccci runs --json``), each with its report from its run page."""
         done = self.ccci("runs", "--json", "--limit", "1000000")
         if done.returncode != 0:
             raise RuntimeError(f"ccci runs failed: {done.stderr[-2000:]}")
-        return json.loads(done.stdout)
+        runs = json.loads(done.stdout)
+        assert self.serve is not None
+        for run in runs:
+            page = requests.get(
+                f"{self.serve.url}/runs/{run['id']}", headers={"Accept": "application/json"}, timeout=15
+            )
+            run["report"] = page.json().get("report") if page.ok else None
+        return runs

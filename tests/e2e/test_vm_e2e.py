@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.e2e.test_control import final_comment, wait_until
+from tests.e2e.conftest import final_comment, wait_until
 from tests.vm.vmhelpers import shared_vm_state
 
 pytestmark = [
@@ -21,6 +21,7 @@ pytestmark = [
 ]
 
 VM_CI = """\
+image: tiny
 timeout: 300
 steps:
   - name: work
@@ -85,6 +86,7 @@ def test_the_pipelines_setup_prepares_the_warm_base_every_fork_starts_from(tmp_p
     recipe.mkdir()
     marker = f"prepared-{os.getpid()}-{tmp_path.name}"  # a setup no other test has: a fresh warm base
     (recipe / "ci.yml").write_text(
+        "image: tiny\n"
         f"setup: echo {marker} > /etc/prepared\n"
         "steps:\n"
         "  - name: first\n    run: cat /etc/prepared; echo mine > /etc/prepared\n"

@@ -5,7 +5,12 @@ The guest image and warm bases live in a stable cache (``CCCI_TEST_VM_CACHE``, d
 whose ``images`` and ``vm/bases`` point there, so its fork files are its own. Every QEMU a test
 started is killed when the test ends, whatever happened.
 
-The soak is not part of the default run: ``.venv/bin/pytest -m soak tests/vm``.
+The docker image is built into the same cache on first use (about a minute) and its warm base
+booted once (about two minutes under TCG); later sessions find both. Docker tests take the
+host-wide Docker slot (one at a time), so they never crowd each other on the cores.
+
+The soak is not part of the default run: ``.venv/bin/pytest -m soak tests/vm``; nor are the
+``slow`` tests, which boot a warm base of their own (``-m slow``).
 """
 
 from __future__ import annotations
@@ -21,16 +26,19 @@ from ccci.vm.host import qemu_binary
 from ccci.vm.image import build_image
 from ccci.vm.qemu import QemuExecutor
 from ccci.vm.sweep import _processes_using
-from tests.vm.vmhelpers import CACHE, shared_vm_state
+from tests.vm.vmhelpers import CACHE, busybox_rootfs, registry_cli, shared_vm_state
+
+DOCKER_TOOLS = ("mmdebstrap", "docker-registry", "umoci", "skopeo")
 
 
 def pytest_collection_modifyitems(config, items):
-    if "soak" in (config.option.markexpr or ""):
-        return
-    skip = pytest.mark.skip(reason="soak: run with .venv/bin/pytest -m soak tests/vm")
-    for item in items:
-        if "soak" in item.keywords:
-            item.add_marker(skip)
+    for marker, why in (("soak", "soak"), ("slow", "slow (boots a warm base of its own)")):
+        if marker in (config.option.markexpr or ""):
+            continue
+        skip = pytest.mark.skip(reason=f"{why}: run with .venv/bin/pytest -m {marker} tests/vm")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +83,32 @@ def workspace(tmp_path: Path) -> Path:
     (ws / "tests" / "smoke.sh").write_text("#!/bin/sh\necho smoke ok\n")
     (ws / "tests" / "smoke.sh").chmod(0o755)
     return ws
+
+
+@pytest.fixture(scope="session")
+def docker_cache(vm_cache) -> Path:
+    """The stable cache, with the docker image built in it too."""
+    missing = [tool for tool in DOCKER_TOOLS if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (scripts/install installs them)")
+    build_image("docker", CACHE, progress=lambda _m: None)
+    return CACHE
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory, docker_cache) -> str:
+    """A test registry on loopback holding hello:1 (busybox, serving 8080); returns its address."""
+    root = tmp_path_factory.mktemp("registry")
+    address = registry_cli("start", root / "data")["address"]
+    try:
+        rootfs = busybox_rootfs(root / "rootfs.tar")
+        registry_cli("push", root / "data", str(rootfs), "library/hello:1", "httpd", "-f", "-p", "8080")
+        yield address
+    finally:
+        registry_cli("stop", root / "data")
+
+
+@pytest.fixture
+def docker_executor(state_dir: Path, registry: str) -> QemuExecutor:
+    """A QEMU executor of the docker image, pulling through the test registry, one Docker slot."""
+    return QemuExecutor(state_dir, image="docker", registry_mirror=registry, slots=1, kill_grace=30.0)

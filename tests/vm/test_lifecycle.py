@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -47,11 +48,12 @@ def test_checkpoint_forks_start_from_the_parents_state(executor, workspace, stat
 def test_fork_from_in_a_pipeline_runs_each_branch_in_its_own_fork(executor, workspace, state_dir):
     branch = "cat state.txt && echo {0} > mine && test ! -e ../{1} && ls | grep -c mine"
     spec = {
+        "image": "tiny",
         "steps": [
             {"name": "deploy", "run": "echo deployed > state.txt"},
             {"name": "test-a", "needs": ["deploy"], "fork_from": "deploy", "run": branch.format("a", "b")},
             {"name": "test-b", "needs": ["deploy"], "fork_from": "deploy", "run": branch.format("b", "a")},
-        ]
+        ],
     }
     pipeline = parse_pipeline(spec, workspace / "ci.yml")
     report = run_pipeline(pipeline, executor, workspace, {"RECIPE": "hello"}, host_env={})
@@ -62,6 +64,10 @@ def test_fork_from_in_a_pipeline_runs_each_branch_in_its_own_fork(executor, work
 
 
 def test_warm_base_is_cached_by_image_and_setup_and_pinned_while_used(state_dir, workspace):
+    # Pruning takes every unpinned base of the directory: this test's bases are its own, so
+    # that it never prunes the shared cache (the docker base costs minutes to boot again).
+    (state_dir / "vm" / "bases").unlink()
+    (state_dir / "vm" / "bases").mkdir()
     setup = f"echo {uuid.uuid4().hex} > /root/setup-marker"
     first = QemuExecutor(state_dir, setup=setup).warm_base()
     assert not first.cached
@@ -178,10 +184,21 @@ def test_sigkill_of_the_owner_then_sweep_leaves_nothing_and_spares_live_peers(ex
     assert _processes_using(state_dir) == []
 
 
-def test_auto_chooses_qemu_when_the_image_is_built_else_the_process_sandbox(state_dir, tmp_path):
+def test_auto_uses_qemu_only_when_the_pipelines_image_is_built(state_dir, tmp_path):
     logs: list[str] = []
-    chosen = choose_executor(load_settings({}, STATE_DIR=state_dir), logs.append)
-    assert chosen.name == "qemu" and "qemu" in logs[-1] and "tcg" in logs[-1] or "kvm" in logs[-1]
-    empty = tmp_path / "no-images"
-    chosen = choose_executor(load_settings({}, STATE_DIR=empty), logs.append)
+    chosen = choose_executor(load_settings({}, STATE_DIR=state_dir), logs.append, image="tiny")
+    assert chosen.name == "qemu" and "tiny image" in logs[-1] and ("tcg" in logs[-1] or "kvm" in logs[-1])
+    # Only tiny is built: a real recipe's pipeline (image docker, the default) must not be sent
+    # to a machine that has no Docker.
+    only_tiny = tmp_path / "only-tiny"
+    (only_tiny / "images").mkdir(parents=True)
+    tiny = state_dir / "images" / "tiny.json"
+    (only_tiny / "images" / "tiny.json").write_text(tiny.read_text())
+    digest = json.loads(tiny.read_text())["hash"]
+    (only_tiny / "images" / digest).symlink_to((state_dir / "images" / digest).resolve())
+    chosen = choose_executor(load_settings({}, STATE_DIR=only_tiny), logs.append)
+    assert chosen.name != "qemu" and "the 'docker' guest image is not built" in logs[-1]
+    chosen = choose_executor(load_settings({}, STATE_DIR=tmp_path / "no-images"), logs.append, image="tiny")
     assert chosen.name != "qemu" and "not built" in logs[-1]
+    chosen = choose_executor(load_settings({}, STATE_DIR=state_dir), logs.append, image="abra-debian")
+    assert chosen.name != "qemu" and "which this ccci does not build (it builds tiny, docker)" in logs[-1]

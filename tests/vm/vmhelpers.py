@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import tarfile
 from pathlib import Path
 
 from ccci.pipeline.executor import ExecRequest, ExecResult
@@ -21,10 +24,14 @@ def shared_vm_state(tmp_path: Path) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     build_image("tiny", CACHE, progress=lambda _m: None)
     (CACHE / "vm" / "bases").mkdir(parents=True, exist_ok=True)
+    (CACHE / "vm" / "slots").mkdir(parents=True, exist_ok=True)
     state = tmp_path / "state"
     (state / "vm").mkdir(parents=True)
     (state / "images").symlink_to(CACHE / "images")
     (state / "vm" / "bases").symlink_to(CACHE / "vm" / "bases")
+    # Docker slots are host-wide, as in production: Docker tests of every worker (and every
+    # session on this machine) queue for them instead of crowding the cores.
+    (state / "vm" / "slots").symlink_to(CACHE / "vm" / "slots")
     return state
 
 
@@ -39,3 +46,34 @@ def fork_files(state_dir: Path) -> list[Path]:
     """Return the fork and checkpoint directories under a state directory."""
     vm = state_dir / "vm"
     return sorted(p for p in vm.iterdir() if p.name.startswith(("fork-", "ckpt-"))) if vm.is_dir() else []
+
+
+REPO = Path(__file__).resolve().parents[2]
+TEST_REGISTRY = REPO / "scripts" / "test-registry"
+STACK = Path(__file__).resolve().parent / "stack"
+
+
+def busybox_rootfs(target: Path, busybox: Path = Path("/bin/busybox")) -> Path:
+    """Write a root filesystem tarball of the host's static busybox (Debian's busybox-static)."""
+    applets = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=True).stdout.split()
+    with tarfile.open(target, "w") as tar:
+        for d in ("bin", "tmp", "etc"):
+            info = tarfile.TarInfo(d)
+            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
+            tar.addfile(info)
+        tar.add(busybox, "bin/busybox")
+        for applet in applets:
+            if applet != "busybox":
+                info = tarfile.TarInfo(f"bin/{applet}")
+                info.type, info.linkname = tarfile.SYMTYPE, "busybox"
+                tar.addfile(info)
+    return target
+
+
+def registry_cli(command: str, directory: Path, *args: str) -> dict:
+    """Run scripts/test-registry; return the JSON line it printed ({} for stop)."""
+    done = subprocess.run([str(TEST_REGISTRY), command, str(directory), *args],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    if done.returncode != 0:
+        raise AssertionError(f"test-registry {command} failed ({done.returncode}): {done.stderr}")
+    return json.loads(done.stdout) if done.stdout.strip() else {}
