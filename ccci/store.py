@@ -178,7 +178,7 @@ class PendingCommand:
     """A ``!testme cancel`` or a malformed ``!testme …`` waiting for the worker's permission check."""
 
     id: int
-    command: str  # "cancel" | "usage"
+    command: str  # "cancel" | "usage" | "not-a-recipe"
     owner: str
     repo: str
     pr: int

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Settings
+from ..names import is_recipe
 from ..reporter import Reporter
 from ..store import Store
 from .event import CommentEvent, Ignored, MalformedEvent, parse_event
 from .grammar import Command, Ignore, Reply, parse_comment
-from .policy import in_allowed_users, limit_text, refusal_text
+from .policy import in_allowed_users, limit_text, not_a_recipe_text, refusal_text
 from .signature import verify_signature
 
 
@@ -59,6 +60,9 @@ def handle_delivery(
         return Outcome(200, {"result": "ignored", "reason": parsed.reason})
     if isinstance(parsed, Reply):
         return _usage(settings, store, reporter, event, parsed.text)
+    if parsed.name == "test" and not is_recipe(event.repo):
+        # Refused now, with the reason: a run that could never start would otherwise be queued.
+        return _usage(settings, store, reporter, event, not_a_recipe_text(event.repo), command="not-a-recipe")
     assert isinstance(parsed, Command)
     if parsed.name == "cancel":
         return _cancel(store, event)
@@ -130,8 +134,10 @@ def _test(settings: Settings, store: Store, reporter: Reporter, event: CommentEv
     return Outcome(202, body, wake_worker=True)
 
 
-def _usage(settings: Settings, store: Store, reporter: Reporter, event: CommentEvent, text: str) -> Outcome:
-    """Answer a malformed command with usage help, only to someone who may use ccci, once per PR."""
+def _usage(
+    settings: Settings, store: Store, reporter: Reporter, event: CommentEvent, text: str, command: str = "usage"
+) -> Outcome:
+    """Answer a command that cannot be done with ``text``, only to someone who may use ccci, once per PR."""
     local = in_allowed_users(event.author, settings.ALLOWED_USERS)
     with store.transaction():
         claimed, _ = store.claim_comment(
@@ -148,7 +154,7 @@ def _usage(settings: Settings, store: Store, reporter: Reporter, event: CommentE
             )
         elif claimed and settings.ALLOWED_ORGS:  # the worker checks membership before it says a word
             store.record_command(
-                "usage",
+                command,
                 owner=event.owner,
                 repo=event.repo,
                 pr=event.pr,

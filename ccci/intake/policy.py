@@ -77,3 +77,11 @@ def limit_text(login: str, runs_per_hour: int, trigger: str = "!testme") -> str:
         f"@{login}, you have started {runs_per_hour} runs in the last hour, which is the limit here. "
         f"Please try `{trigger}` again in a while."
     )
+
+
+def not_a_recipe_text(repo: str) -> str:
+    """Return the one comment that says why a repository's pull requests cannot be tested."""
+    return (
+        f"This repository's name, `{repo}`, cannot be a Co-op Cloud recipe name (lowercase letters, digits, "
+        "`.`, `_` and `-`, at most 64 characters), so ccci cannot test it. Rename the repository to test it here."
+    )

@@ -20,7 +20,7 @@ from ..config import Settings
 from ..dispatch import Dispatcher
 from ..errors import ForgeError
 from ..intake.grammar import usage
-from ..intake.policy import refusal_text
+from ..intake.policy import not_a_recipe_text, refusal_text
 from ..reporter import Reporter
 from ..store import ACTIVE_STATES, PendingCommand, Store
 from .admission import AdmissionForge, authorized
@@ -59,7 +59,7 @@ class Cancels:
             if not self.backoff.due(command.id):
                 continue
             try:
-                if command.command == "usage":
+                if command.command in ("usage", "not-a-recipe"):
                     self._usage(command)
                 else:
                     self._cancel(command)
@@ -87,11 +87,11 @@ class Cancels:
         self._signaled.discard(run_id)
 
     def _usage(self, command: PendingCommand) -> None:
-        """Help someone allowed who mistyped a command; a stranger gets no answer at all."""
+        """Help someone allowed who mistyped a command (or asked for a run that cannot be); a stranger gets nothing."""
         if authorized(self.settings, self.forge, command.login).allowed:
+            text = usage(self.settings.TRIGGER) if command.command == "usage" else not_a_recipe_text(command.repo)
             self.reporter.reply(owner=command.owner, repo=command.repo, pr=command.pr,
-                                comment_id=command.comment_id or 0, login=command.login,
-                                text=usage(self.settings.TRIGGER))  # fmt: skip
+                                comment_id=command.comment_id or 0, login=command.login, text=text)  # fmt: skip
 
     def _cancel(self, command: PendingCommand) -> None:
         c = command

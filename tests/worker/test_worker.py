@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 from ccci.errors import ConfigError, TransientInfraError
+from ccci.intake.delivery import handle_delivery
 from ccci.worker import Worker
-from tests.worker.conftest import OWNER, REPO
+from tests.fakes import sign
+from tests.worker.conftest import OWNER, REPO, SECRET
 
 
 def final_comment(world, number: int):
@@ -252,3 +256,16 @@ def test_a_restarted_worker_adopts_running_runs_and_requeues_one_that_never_got_
     world.worker = fresh
     world.settle()
     assert set(world.dispatcher.held) == {adopted, never}
+
+
+def test_a_repository_whose_name_is_no_recipe_name_gets_a_clear_answer_at_once(make_world):
+    world = make_world()
+    world.gitea.open_pr(OWNER, "Custom-HTML", 1, "c" * 40)
+    comment = world.gitea.post_comment(OWNER, "Custom-HTML", 1, "!testme", user="alice")
+    raw = json.dumps(world.gitea.comment_payload(comment.id)).encode()
+    answer = handle_delivery(world.settings, world.store, world.worker.reporter, sign(raw, SECRET), raw)
+    assert answer.status == 200 and answer.body["result"] == "replied"
+    world.settle()
+    assert world.store.list_runs() == []  # nothing queued that could never start
+    [reply] = [c for c in world.gitea.comments_on(OWNER, "Custom-HTML", 1) if c.user == world.gitea.bot_login]
+    assert "`Custom-HTML`" in reply.body and "cannot be a Co-op Cloud recipe name" in reply.body
