@@ -146,7 +146,7 @@ def _settle(world: ChaosWorld, killer: Killer, timeout: float) -> list[dict]:
             params = [("state", "queued"), ("state", "running"), ("limit", "1000")]
             active = world.admin("GET", "/admin/runs", params=params).json()["runs"]
             metrics = requests.get(world.serve.url + "/metrics", timeout=15).text
-            drained = "ccci_outbox_backlog 0\n" in metrics
+            drained = "ccci_outbox_backlog 0.0\n" in metrics
             quiet = quiet + 1 if not active and drained else 0
         except (requests.RequestException, ValueError):
             quiet = 0

@@ -10,7 +10,7 @@ booted once (about two minutes under TCG); later sessions find both. Docker test
 host-wide Docker slot (one at a time), so they never crowd each other on the cores.
 
 The soak is not part of the default run: ``.venv/bin/pytest -m soak tests/vm``; nor are the
-``slow`` tests, which boot a warm base of their own (``-m slow``).
+``own_base`` tests, which boot a warm base of their own (``-m own_base``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ DOCKER_TOOLS = ("mmdebstrap", "docker-registry", "umoci", "skopeo")
 
 
 def pytest_collection_modifyitems(config, items):
-    for marker, why in (("soak", "soak"), ("slow", "slow (boots a warm base of its own)")):
+    for marker, why in (("soak", "soak"), ("own_base", "own_base (boots a warm base of its own)")):
         if marker in (config.option.markexpr or ""):
             continue
         skip = pytest.mark.skip(reason=f"{why}: run with .venv/bin/pytest -m {marker} tests/vm")

@@ -236,7 +236,7 @@ def _events(state_dir: Path) -> list[dict]:
     return events
 
 
-@pytest.mark.slow
+@pytest.mark.own_base
 def test_an_image_archive_is_preloaded_into_the_warm_base(docker_cache, state_dir, registry, tmp_path):
     """DOCKER_PRELOAD: a docker-archive made without Docker (skopeo) is in every fork's image store."""
     archive = tmp_path / "hello.tar"
