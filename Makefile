@@ -17,6 +17,11 @@ test: ## run the test suite
 lint: ## ruff check and format check
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
 
+typecheck: ## mypy over ccci and the benchmarks (configured in pyproject.toml)
+	.venv/bin/mypy
+
+check: lint typecheck test ## everything CI runs (.ci/run)
+
 format: ## format the code
 	.venv/bin/ruff format . && .venv/bin/ruff check --fix .
 
@@ -29,4 +34,4 @@ soak: ## the VM leak soak (slow; not in the default suite)
 chaos: install ## the chaos drill: 200 random SIGKILLs, then every invariant checked (slow; CHAOS_ARGS=--help)
 	$(PY) -m tests.chaos.drill $(CHAOS_ARGS)
 
-.PHONY: help install serve test lint format bench soak chaos
+.PHONY: help install serve test lint typecheck check format bench soak chaos

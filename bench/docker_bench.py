@@ -31,6 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from vm_bench import first_output_time  # bench/ is on sys.path: the benchmarks run as scripts
+
 from ccci.config import Settings
 from ccci.pipeline.executor import ExecRequest
 from ccci.vm.base import logs_dir, overlay
@@ -133,7 +135,7 @@ def _first_command(executor: QemuExecutor) -> float:
     started = time.monotonic()
     with executor.fork_from(executor.warm_base(), None) as machine:
         seen: list[float] = []
-        machine.exec(ExecRequest("echo hi", on_output=lambda _s, _c: seen or seen.append(time.monotonic())))
+        machine.exec(ExecRequest("echo hi", on_output=first_output_time(seen)))
         return seen[0] - started
 
 

@@ -154,8 +154,10 @@ def main() -> int:
         try:
             sides.append(Side("users", gitea, admin, tmp, CCCI_ALLOWED_USERS="alice-users"))
             sides.append(Side("orgs", gitea, admin, tmp, CCCI_ALLOWED_ORGS="bench-orgs"))
-            samples = {s.name: collections.defaultdict(list) for s in sides}
-            requests = {s.name: collections.Counter() for s in sides}
+            samples: dict[str, collections.defaultdict[str, list[float]]] = {
+                s.name: collections.defaultdict(list) for s in sides
+            }
+            requests: dict[str, collections.Counter[str]] = {s.name: collections.Counter() for s in sides}
             for n in range(args.rounds):
                 for side in sides if n % 2 == 0 else reversed(sides):
                     since = time.monotonic()

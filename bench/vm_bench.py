@@ -20,7 +20,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,14 +33,36 @@ from ccci.vm.image import build_image
 from ccci.vm.instance import Layout, Vm
 from ccci.vm.qemu import QemuExecutor, QemuMachine
 
-FULL = {"cold": 3, "forks": 5, "fans": (1, 4, 8), "live": 8, "round_trips": 50}
-QUICK = {"cold": 1, "forks": 2, "fans": (1, 2), "live": 2, "round_trips": 5}
+
+@dataclass(frozen=True)
+class Sizes:
+    """How many times each figure is measured."""
+
+    cold: int
+    forks: int
+    fans: tuple[int, ...]
+    live: int
+    round_trips: int
+
+
+FULL = Sizes(cold=3, forks=5, fans=(1, 4, 8), live=8, round_trips=50)
+QUICK = Sizes(cold=1, forks=2, fans=(1, 2), live=2, round_trips=5)
+
+
+def first_output_time(seen: list[float]) -> Callable[[str, bytes], None]:
+    """Return an on_output callback that notes in ``seen`` when the first output arrived."""
+
+    def on_output(_stream: str, _chunk: bytes) -> None:
+        if not seen:
+            seen.append(time.monotonic())
+
+    return on_output
 
 
 def first_output(machine: QemuMachine, started: float) -> float:
     """Run ``echo hi`` and return the seconds from ``started`` to its first output."""
     seen: list[float] = []
-    machine.exec(ExecRequest("echo hi", on_output=lambda _s, _c: seen or seen.append(time.monotonic())))
+    machine.exec(ExecRequest("echo hi", on_output=first_output_time(seen)))
     return seen[0] - started
 
 
@@ -55,7 +79,7 @@ def cold_boot(executor: QemuExecutor, scratch: Path) -> float:
         vm.qmp.handshake()
         vm.agent.wait_ready(120)
         seen: list[float] = []
-        vm.agent.run("echo hi", "/", {}, on_output=lambda _s, _c: seen or seen.append(time.monotonic()))
+        vm.agent.run("echo hi", "/", {}, on_output=first_output_time(seen))
         return seen[0] - started
     finally:
         vm.kill()
@@ -136,35 +160,35 @@ def main() -> int:
     print(f"accel: {executor.accel.name} ({executor.accel.reason})", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="ccci-bench-") as scratch:
-        cold = [cold_boot(executor, Path(scratch)) for _ in range(n["cold"])]
+        cold = [cold_boot(executor, Path(scratch)) for _ in range(n.cold)]
     print(f"cold boot to first output: {[round(c, 3) for c in cold]}", flush=True)
     fork_to_output(executor)  # one unmeasured fork: page cache of the base files
-    forks = [fork_to_output(executor) for _ in range(n["forks"])]
+    forks = [fork_to_output(executor) for _ in range(n.forks)]
     print(f"fork to first output: {[round(f, 3) for f in forks]}", flush=True)
-    fans = {k: fan_out(executor, k) for k in n["fans"]}
+    fans = {k: fan_out(executor, k) for k in n.fans}
     for k, (wall, each) in fans.items():
         print(f"{k} concurrent: wall {wall:.3f}s, per fork median {statistics.median(each):.3f}s", flush=True)
-    mem = fork_memory(executor, n["live"])
-    print(f"memory of {n['live']} live forks (KiB): {mem}", flush=True)
-    rt_exec, rt_ping = round_trips(executor, n["round_trips"])
+    mem = fork_memory(executor, n.live)
+    print(f"memory of {n.live} live forks (KiB): {mem}", flush=True)
+    rt_exec, rt_ping = round_trips(executor, n.round_trips)
     print(f"round trip: exec true {rt_exec * 1000:.1f} ms, ping {rt_ping * 1000:.2f} ms", flush=True)
 
     cold_m, fork_m = statistics.median(cold), statistics.median(forks)
     private = statistics.median(m["Private"] for m in mem)
     pss = statistics.median(m["Pss"] for m in mem)
     rows = [
-        (f"Cold boot → first output (median of {n['cold']})", f"{cold_m * 1000:.0f} ms", ""),
-        (f"Fork → first output (median of {n['forks']})", f"{fork_m * 1000:.0f} ms",
+        (f"Cold boot → first output (median of {n.cold})", f"{cold_m * 1000:.0f} ms", ""),
+        (f"Fork → first output (median of {n.forks})", f"{fork_m * 1000:.0f} ms",
          f"{fork_m / cold_m:.3f} of cold boot (target ≤ 0.100): {'met' if fork_m <= cold_m / 10 else 'MISSED'}"),
         *[(f"{k} concurrent forks → all answered", f"{wall * 1000:.0f} ms",
            f"per fork median {statistics.median(each) * 1000:.0f} ms") for k, (wall, each) in fans.items()],
-        (f"Private memory per fork ({n['live']} live, median)", f"{private / 1024:.1f} MiB",
+        (f"Private memory per fork ({n.live} live, median)", f"{private / 1024:.1f} MiB",
          f"{private / ram_kib:.3f} of {ram_kib // 1024} MiB guest RAM (target ≤ 0.125): "
          f"{'met' if private <= ram_kib / 8 else 'MISSED'}"),
-        (f"PSS per fork ({n['live']} live, median)", f"{pss / 1024:.1f} MiB", "includes QEMU and TCG code cache"),
-        (f"Agent round trip, `true` through exec (median of {n['round_trips']})", f"{rt_exec * 1000:.1f} ms",
+        (f"PSS per fork ({n.live} live, median)", f"{pss / 1024:.1f} MiB", "includes QEMU and TCG code cache"),
+        (f"Agent round trip, `true` through exec (median of {n.round_trips})", f"{rt_exec * 1000:.1f} ms",
          "probe's shell agent: 61–85 ms"),
-        (f"Agent round trip, ping (median of {n['round_trips']})", f"{rt_ping * 1000:.2f} ms", ""),
+        (f"Agent round trip, ping (median of {n.round_trips})", f"{rt_ping * 1000:.2f} ms", ""),
     ]  # fmt: skip
     host = f"{platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()}"
     lines = [
@@ -180,7 +204,7 @@ def main() -> int:
         *[f"| {a} | {b} | {c} |" for a, b, c in rows],
         "",
         "Raw: cold " + ", ".join(f"{c:.3f}" for c in cold) + " s; forks "
-        + ", ".join(f"{f:.3f}" for f in forks) + f" s; memory of {n['live']} forks (KiB) "
+        + ", ".join(f"{f:.3f}" for f in forks) + f" s; memory of {n.live} forks (KiB) "
         + "; ".join(f"Rss {m['Rss']} Pss {m['Pss']} Private {m['Private']}" for m in mem) + ".",
         "",
         "Cold boot starts a QEMU on the image with no snapshot and waits for the first output of",

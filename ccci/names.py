@@ -10,6 +10,7 @@ Every check uses ``fullmatch``: ``$`` in a ``match`` would let a trailing newlin
 from __future__ import annotations
 
 import re
+from typing import TypeGuard
 
 RECIPE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 # A commit id: SHA-1 (40 hex digits) or, for repositories in git's SHA-256 object format, 64.
@@ -35,7 +36,7 @@ def is_sha(text: object) -> bool:
     return isinstance(text, str) and SHA.fullmatch(text) is not None
 
 
-def is_id(value: object) -> bool:
+def is_id(value: object) -> TypeGuard[int]:
     """Tell whether ``value`` is a forge id or number: an int from 1 to 2^63 - 1 (not a bool)."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_ID
 

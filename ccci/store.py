@@ -338,7 +338,8 @@ class Store:
         limit: int = 100,
     ) -> list[Run]:
         """List runs, newest first, filtered; refused requests only when asked for by state."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[str | int] = []
         if states:
             where.append(f"state IN ({', '.join('?' * len(states))})")
             args += list(states)
@@ -441,13 +442,13 @@ class Store:
                 if row:
                     db.execute("UPDATE outbox SET payload = ? WHERE id = ?", (body, row["id"]))
                     return int(row["id"])
-            return int(
-                db.execute(
-                    "INSERT INTO outbox (run_id, kind, coalesce_key, payload, next_attempt, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (run_id, kind, coalesce_key, body, now, now),
-                ).lastrowid
-            )
+            inserted = db.execute(
+                "INSERT INTO outbox (run_id, kind, coalesce_key, payload, next_attempt, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (run_id, kind, coalesce_key, body, now, now),
+            ).lastrowid
+            assert inserted is not None  # an INSERT always sets it
+            return inserted
 
     def pending_outbox(self, limit: int = 50) -> list[OutboxItem]:
         """Return undelivered writes in order (including those not yet due)."""
@@ -472,7 +473,8 @@ class Store:
 
     def mark_delivered(self, item_id: int, *, payload: dict[str, Any] | None = None) -> bool:
         """Mark an outbox write as delivered, unless its payload was replaced meanwhile."""
-        sql, args = "UPDATE outbox SET done_at = ? WHERE id = ?", [time.time(), item_id]
+        sql = "UPDATE outbox SET done_at = ? WHERE id = ?"
+        args: list[float | int | str] = [time.time(), item_id]
         if payload is not None:
             sql += " AND payload = ?"
             args.append(json.dumps(payload))

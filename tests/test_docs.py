@@ -44,3 +44,23 @@ def test_the_docs_relative_links_resolve():
         base = (ROOT / readme).parent
         for target in re.findall(r"\]\(((?!https?:|#)[^)\s]+)\)", (ROOT / readme).read_text()):
             assert (base / target.split("#")[0]).exists(), f"{readme} links to {target}, which does not exist"
+
+
+def test_ci_runs_the_readmes_test_command_then_the_linters_and_the_type_checker():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```sh\n(.*?)```", readme, re.S)
+    assert block, "the README starts with a sh block of its two commands"
+    install_line, test_line = block.group(1).strip().splitlines()[:2]
+    assert "scripts/install" in install_line and "ccci serve" in install_line
+    test_command = test_line.split("#")[0].strip().replace('"$CLONE"/', "./")
+    commands = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#") and not line.startswith(("set ", "cd "))
+    ]
+    assert commands == [
+        test_command,
+        ".venv/bin/ruff check .",
+        ".venv/bin/ruff format --check .",
+        ".venv/bin/mypy",
+    ]

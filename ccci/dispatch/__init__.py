@@ -33,7 +33,7 @@ class Dispatcher(Protocol):
 
     poll_interval: float  # how often the worker must call poll() while runs are active
 
-    def start(self, run: Run, record: Callable[[str], None] | None = None) -> str:
+    def start(self, run: Run, record: Callable[[str], object] | None = None) -> str:
         """Start the harness for ``run``; ``record`` its reference (kept in ``runs.dispatch_ref``)
         before the harness can run a step; return the reference."""
         ...

@@ -119,7 +119,7 @@ class DroneDispatcher:
 
     # -- the Dispatcher protocol -----------------------------------------------------------------
 
-    def start(self, run: Run, record: Callable[[str], None] | None = None) -> str:
+    def start(self, run: Run, record: Callable[[str], object] | None = None) -> str:
         """Trigger a custom build for ``run``, ``record`` its number and return it (the dispatch reference)."""
         params = build_params(run)  # raises before anything is sent
         # A start that failed in flight (timeout, 5xx) may still have created the build: find it

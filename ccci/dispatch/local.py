@@ -98,7 +98,7 @@ class LocalDispatcher:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         return env
 
-    def start(self, run: Run, record: Callable[[str], None] | None = None) -> str:
+    def start(self, run: Run, record: Callable[[str], object] | None = None) -> str:
         """Start the harness for ``run``, ``record`` its reference, then let it begin; return the reference."""
         files = RunFiles(self.settings.runs_dir, run.id)
         files.create()

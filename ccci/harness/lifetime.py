@@ -114,7 +114,7 @@ class LifetimeGuard(Stop):
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
-        status, code = _FUNNEL[signum]
+        status, code = _FUNNEL[signal.Signals(signum)]
         if signum == signal.SIGALRM:
             reason = f"the run's deadline of {self.deadline_seconds:g}s passed"
         elif os.getppid() != self.parent_pid:

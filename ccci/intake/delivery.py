@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +19,7 @@ from ..reporter import Reporter
 from ..store import Store
 from .event import CommentEvent, Ignored, MalformedEvent, parse_event
 from .grammar import Command, Ignore, Reply, parse_comment
+from .headers import Headers
 from .policy import in_allowed_users, limit_text, not_a_recipe_text, refusal_text
 from .signature import verify_signature
 
@@ -33,9 +33,7 @@ class Outcome:
     wake_worker: bool = False
 
 
-def handle_delivery(
-    settings: Settings, store: Store, reporter: Reporter, headers: Mapping[str, str], body: bytes
-) -> Outcome:
+def handle_delivery(settings: Settings, store: Store, reporter: Reporter, headers: Headers, body: bytes) -> Outcome:
     """Decide what one webhook delivery means and record it."""
     if not settings.WEBHOOK_SECRET:
         return Outcome(401, {"error": "webhooks are refused: no WEBHOOK_SECRET is configured"})

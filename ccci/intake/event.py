@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..names import is_id, is_login, is_repo_name
+from .headers import Headers, first_value
 
 _MARKER = "<!-- ccci:run="
 
@@ -49,10 +50,10 @@ class CommentEvent:
 
 
 def parse_event(
-    headers: Mapping[str, str], payload: Any, *, bot_login: str = "", trigger: str = "!testme"
+    headers: Headers, payload: Any, *, bot_login: str = "", trigger: str = "!testme"
 ) -> CommentEvent | Ignored:
     """Reduce a delivery to a CommentEvent, or say why it is Ignored."""
-    name = _header(headers, "X-Gitea-Event", "X-Forgejo-Event", "X-Gogs-Event")
+    name = first_value(headers, "X-Gitea-Event", "X-Forgejo-Event", "X-Gogs-Event")
     if not name:
         return Ignored("no event name in the headers")
     if name != "issue_comment":
@@ -105,7 +106,7 @@ def parse_event(
     if trigger.lower() not in body.lower():
         return Ignored(f"no {trigger} in the comment")
     return CommentEvent(
-        delivery=_header(headers, "X-Gitea-Delivery", "X-Forgejo-Delivery"),
+        delivery=first_value(headers, "X-Gitea-Delivery", "X-Forgejo-Delivery"),
         owner=owner,
         repo=repo,
         full_name=full_name,
@@ -115,18 +116,8 @@ def parse_event(
         author=author,
         clone_url=clone_url,
         pr_url=pr_url,
-        forge="forgejo" if _header(headers, "X-Forgejo-Event", "X-Forgejo-Delivery") else "gitea",
+        forge="forgejo" if first_value(headers, "X-Forgejo-Event", "X-Forgejo-Delivery") else "gitea",
     )
-
-
-def _header(headers: Mapping[str, str], *names: str) -> str:
-    """Return the first non-empty value among ``names``, whatever the case of the keys."""
-    lowered = {str(k).lower(): str(v) for k, v in headers.items()}
-    for name in names:
-        value = lowered.get(name.lower(), "").strip()
-        if value:
-            return value
-    return ""
 
 
 def _field(obj: Mapping[str, Any], key: str, kind: type, path: str = "") -> Any:

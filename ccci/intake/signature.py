@@ -27,7 +27,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Mapping
+
+from .headers import Headers, values_by_name
 
 # lower-cased header name -> the prefix before its hex digest
 _SHA256_HEADERS = {
@@ -41,11 +42,11 @@ _HEX64 = re.compile(r"[0-9A-Fa-f]{64}")
 _HEX40 = re.compile(r"[0-9A-Fa-f]{40}")
 
 
-def verify_signature(headers: Mapping[str, str], body: bytes, secret: str) -> bool:
+def verify_signature(headers: Headers, body: bytes, secret: str) -> bool:
     """Return True only if every signature header present matches ``body`` under ``secret``."""
     if not secret:
         return False
-    values = _values_by_name(headers)
+    values = values_by_name(headers)
     key = secret.encode("utf-8")
     sha256_seen = False
     for name, prefix in _SHA256_HEADERS.items():
@@ -68,16 +69,3 @@ def _matches(value: str, prefix: str, shape: re.Pattern[str], expected: bytes) -
     if not shape.fullmatch(digest):
         return False
     return hmac.compare_digest(bytes.fromhex(digest), expected)
-
-
-def _values_by_name(headers: Mapping[str, str]) -> dict[str, list[str]]:
-    """Collect header values by lower-cased name, keeping every value of a repeated name.
-
-    werkzeug's ``EnvironHeaders`` is already case-insensitive, but a plain dict in a test (or a
-    client that sent both ``X-Gitea-Signature`` and ``x-gitea-signature``) is not; gathering
-    all values means a second, forged spelling is checked rather than shadowed.
-    """
-    out: dict[str, list[str]] = {}
-    for name, value in headers.items():
-        out.setdefault(str(name).lower(), []).append(str(value))
-    return out

@@ -64,8 +64,13 @@ class Checkpoint(Protocol):
 class Machine(Protocol):
     """One running place where steps execute: a VM fork or a sandbox directory."""
 
-    name: str
-    log_path: Path | None
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def log_path(self) -> Path | None:
+        """Where the machine's own log is kept, if it keeps one."""
+        ...
 
     def exec(self, request: ExecRequest) -> ExecResult:
         """Run one command to completion, streaming its output; safe to call from threads."""

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from ..errors import InfraError, TransientInfraError
 from .events import Event
-from .executor import ExecRequest, Executor, Machine
+from .executor import Checkpoint, ExecRequest, Executor, Machine
 from .output import StreamBuffer
 from .redact import Redactor
 from .report import Report, StepResult, verdict
@@ -64,7 +64,7 @@ class _Record:
     note: str = ""  # ccci's own explanation, appended to stderr (infra errors)
     cancel: threading.Event = field(default_factory=threading.Event)
     machine: Machine | None = None
-    checkpoint: object | None = None
+    checkpoint: Checkpoint | None = None
     stdout: StreamBuffer | None = None
     stderr: StreamBuffer | None = None
 
@@ -266,14 +266,17 @@ class _Scheduler:
 
     def _work(self, rec: _Record) -> None:
         step, owned, t0 = rec.step, None, time.monotonic()
-        self.queue.put(Event("started", step.name, rec.started_at))
+        stdout, stderr, started_at = rec.stdout, rec.stderr, rec.started_at
+        assert stdout is not None and stderr is not None and started_at is not None  # set by _start
+        self.queue.put(Event("started", step.name, started_at))
         status, code = "error", None
         try:
             machine = rec.machine
             if machine is None:
-                machine = owned = self._fork(rec)
+                assert step.fork_from is not None  # _place leaves only forks without a machine
+                machine = owned = self._fork(rec, step.fork_from)
             env = {**self.step_envs[step.name], **self.env, "CCCI_STEP": step.name}
-            sinks = {"stdout": rec.stdout, "stderr": rec.stderr}
+            sinks = {"stdout": stdout, "stderr": stderr}
             request = ExecRequest(step.run, env, step.timeout, lambda s, chunk: sinks[s].write(chunk), rec.cancel)
             result = machine.exec(request)
             rec.infra_retries += result.infra_retries
@@ -306,8 +309,8 @@ class _Scheduler:
                     self.exclusive = False if step.name in self.sources or step.fork_from else self.exclusive
             self.queue.put(Event("finished", step.name, time.time(), status, rec.duration_ms, code))
 
-    def _fork(self, rec: _Record) -> Machine:
-        source = self.records[rec.step.fork_from]
+    def _fork(self, rec: _Record, fork_from: str) -> Machine:
+        source = self.records[fork_from]
         if source.checkpoint is None:
             raise InfraError(f"no checkpoint of {source.step.name} to fork from")
         for attempt in range(FORK_RETRIES + 1):

@@ -176,7 +176,7 @@ def parse_pipeline(data: Any, path: Path) -> Pipeline:
         timeout=_seconds(data.get("timeout", DEFAULT_TIMEOUT), f"{at('timeout')}: key 'timeout'"),
         parallelism=_count(data.get("parallelism", DEFAULT_PARALLELISM), f"{at('parallelism')}: key 'parallelism'"),
         image=_text(data.get("image", DEFAULT_IMAGE), f"{at('image')}: key 'image'") or DEFAULT_IMAGE,
-        setup=_text(data.get("setup"), f"{at('setup')}: key 'setup'", optional=True),
+        setup=_optional_text(data.get("setup"), f"{at('setup')}: key 'setup'"),
         env=_env(data.get("env", {}), f"{at('env')}: key 'env'"),
         network=_flag(data.get("network", False), f"{at('network')}: key 'network'"),
     )
@@ -214,7 +214,7 @@ def _parse_step(raw: Any, index: int, label: str, mark: Any) -> Step:
         timeout=None if timeout is None else _seconds(timeout, f"{at('timeout')}: key 'timeout'"),
         allow_failure=_flag(raw.get("allow_failure", False), f"{at('allow_failure')}: key 'allow_failure'"),
         env=_env(raw.get("env", {}), f"{at('env')}: key 'env'"),
-        fork_from=_text(raw.get("fork_from"), f"{at('fork_from')}: key 'fork_from'", optional=True),
+        fork_from=_optional_text(raw.get("fork_from"), f"{at('fork_from')}: key 'fork_from'"),
         teardown=teardown,
         where={key: at(key) for key in ("", "name", "needs", "fork_from")},
     )
@@ -286,12 +286,14 @@ def _no_unknown(raw: dict, allowed: set[str], at: Any) -> None:
         raise SpecError(f"{where}: key {str(unknown[0])!r}: unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
-def _text(value: Any, where: str, optional: bool = False) -> str | None:
-    if value is None and optional:
-        return None
+def _text(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise SpecError(f"{where}: must be a non-empty string, got {value!r}")
     return value
+
+
+def _optional_text(value: Any, where: str) -> str | None:
+    return None if value is None else _text(value, where)
 
 
 def _flag(value: Any, where: str) -> bool:

@@ -245,13 +245,15 @@ class ProcessMachine:
             if proc.returncode is None:  # _supervise raised: still stop and reap the whole group
                 _killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-            proc.stdout.close()
-            proc.stderr.close()
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
             with self._lock:
                 self._procs.discard(proc)
 
     def _supervise(self, proc: subprocess.Popen, request: ExecRequest) -> ExecResult:
         deadline = time.monotonic() + request.timeout if request.timeout else None
+        assert proc.stdout is not None and proc.stderr is not None  # started with PIPE for both
         streams = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
         timed_out = canceled = False
         term_at = gone_at = None

@@ -174,7 +174,7 @@ class QemuMachine:
         self.dir = vm_dir(executor.state_dir) / self.name
         logs = logs_dir(executor.state_dir)
         logs.mkdir(parents=True, exist_ok=True)
-        self.log_path: Path | None = logs / f"{self.name}.log"
+        self.log_path = logs / f"{self.name}.log"
         self.boot_retries = 0
         self.vm: Vm | None = None
         self._slotted = False

@@ -62,7 +62,8 @@ class Qmp:
         deadline = time.monotonic() + timeout
         while True:
             info = self.execute("query-migrate")
-            status = info.get("status") if isinstance(info, dict) else None
+            info = info if isinstance(info, dict) else {}
+            status = info.get("status")
             if status == "completed":
                 return
             if status in ("failed", "cancelled"):

@@ -51,9 +51,9 @@ def sweep_vms(state_dir: Path, prune_bases_after: float | None = None) -> list[s
         logs = logs_dir(state_dir)
         if logs.is_dir():
             for log in logs.iterdir():
-                pid = owner_pid(log.name.split(".")[0].removesuffix("-helper"))
+                owner = owner_pid(log.name.split(".")[0].removesuffix("-helper"))
                 old = time.time() - log.stat().st_mtime > LOG_AGE
-                if old and (pid is None or process_start_time(pid) is None):
+                if old and (owner is None or process_start_time(owner) is None):
                     log.unlink(missing_ok=True)
                     removed.append(str(log))
     images = images_dir(state_dir)

@@ -23,6 +23,9 @@ class FakeHandler(BaseHTTPRequestHandler):
 
     timeout = 10  # a client that connects and never sends must not pin a thread forever
 
+    def _handle(self) -> None:
+        raise NotImplementedError  # each fake's handler answers here
+
     def do_GET(self) -> None:
         self._handle()
 
@@ -87,7 +90,7 @@ class FakeServer:
         """The base URL the fake serves at."""
         assert self._server is not None, f"{type(self).__name__} is not started"
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def wait_for(self, predicate: Callable[[Any], T], timeout: float = 10) -> T:
         """Wait until ``predicate(self)`` is truthy and return it; raise TimeoutError otherwise."""

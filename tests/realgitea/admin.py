@@ -70,10 +70,10 @@ class GiteaAdmin:
             },
         )
 
-    def create_org(self, org: str, *, members: Mapping[str, list[str]] = ()) -> None:
+    def create_org(self, org: str, *, members: Mapping[str, list[str]] | None = None) -> None:
         """Create ``org`` and, for each team name, a team with write access to all its repositories."""
         self.call("POST", "/orgs", json={"username": org, "visibility": "public"})
-        for team, logins in dict(members).items():
+        for team, logins in dict(members or {}).items():
             created = self.call(
                 "POST",
                 f"/orgs/{org}/teams",

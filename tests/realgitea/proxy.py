@@ -49,6 +49,9 @@ class Proxy(FakeServer):
         super().__init__()
         self.handler, self.name = _Handler, name
         self.upstream = urlsplit(upstream)
+        if not self.upstream.hostname:
+            raise ValueError(f"not a URL with a host: {upstream!r}")
+        self.host = self.upstream.hostname
         self.arrivals: list[tuple[str, str, float]] = []  # (method, path, time) as requests come in
         self._holding = False
 
@@ -81,7 +84,7 @@ class Proxy(FakeServer):
             self._cond.notify_all()
             while self._holding:
                 self._cond.wait()
-        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=60)
+        conn = http.client.HTTPConnection(self.host, self.upstream.port, timeout=60)
         try:
             conn.request(method, target, body=body or None, headers={**headers, "Host": self.upstream.netloc})
             answer = conn.getresponse()
