@@ -35,11 +35,11 @@ from vm_bench import first_output_time  # bench/ is on sys.path: the benchmarks 
 
 from ccci.config import Settings
 from ccci.pipeline.executor import ExecRequest
-from ccci.vm.base import logs_dir, overlay
 from ccci.vm.extras import ImageExtras
 from ccci.vm.image import build_image
 from ccci.vm.instance import Layout, Vm
 from ccci.vm.qemu import QemuExecutor, QemuMachine
+from ccci.vm.snapshot import logs_dir, overlay
 
 REPO = Path(__file__).resolve().parent.parent
 STACK = REPO / "tests" / "vm" / "stack"

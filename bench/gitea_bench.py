@@ -74,7 +74,7 @@ class Side:
             "CCCI_LOCK_DIR": str(tmp / name / "locks"), "CCCI_ABRA_HOME": str(tmp / name / "abra"),
             "CCCI_RECIPES_DIR": str(recipes.parent), "CCCI_FORGE_URL": self.forge.url,
             "CCCI_FORGE_TOKEN": gitea.bot_token, "CCCI_BOT_LOGIN": gitea.bot_user,
-            "CCCI_WEBHOOK_SECRET": SECRET, "CCCI_EXECUTOR": "local", "CCCI_RUNS_PER_HOUR": "1000",
+            "CCCI_WEBHOOK_SECRET": SECRET, "CCCI_EXECUTOR": "bwrap", "CCCI_RUNS_PER_HOUR": "1000",
             **settings,
         })  # fmt: skip
         self.ccci = CcciServer(env, tmp / name / "ccci.log")

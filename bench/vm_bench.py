@@ -28,10 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ccci.pipeline.executor import ExecRequest
-from ccci.vm.base import logs_dir
 from ccci.vm.image import build_image
 from ccci.vm.instance import Layout, Vm
 from ccci.vm.qemu import QemuExecutor, QemuMachine
+from ccci.vm.snapshot import logs_dir
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", type=int)
     p.set_defaults(handler=cmd_cancel)
 
-    p = sub.add_parser("sweep", help="reap leaked VM forks, app locks and sandboxes of dead owners")
+    p = sub.add_parser("sweep", help="reap leaked VM forks, app locks and run ABRA_DIRs of dead owners")
     p.add_argument("--json", action="store_true", help="print what was done as JSON")
     p.set_defaults(handler=cmd_sweep)
 
@@ -220,7 +220,7 @@ def cmd_sweep(settings, args) -> int:
     print(f"sweep: {report.summary()}")
     for holder in report.reaped_apps:
         print(f"  reaped {holder.app_domain} of dead run {holder.run_id}")
-    for path in report.removed_sandboxes:
+    for path in report.removed_abra_dirs:
         print(f"  removed the sandbox {path}")
     for name, items in report.swept.items():
         for item in items:

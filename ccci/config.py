@@ -116,7 +116,7 @@ class Settings:
         default="", metadata={"doc": "owner/name of the Drone repository whose recipe-ci pipeline runs the harness"}
     )
     EXECUTOR: str = field(
-        default="auto", metadata={"doc": "How steps run: auto, qemu (microVM forks) or local (process sandbox)"}
+        default="auto", metadata={"doc": "How steps run: auto, qemu (microVM forks) or bwrap (the process sandbox)"}
     )
     MAX_RUNS: int = field(default=2, metadata={"doc": "How many runs the local worker executes at once"})
     LOCK_DIR: Path = field(default=Path("/run/lock/ccci"), metadata={"doc": "Directory of the per-app lock files"})
@@ -143,7 +143,10 @@ class Settings:
     )
     DOMAIN: str = field(default="ci.localhost", metadata={"doc": "Test apps are deployed at <recipe>.<DOMAIN>"})
     MAX_BODY: int = field(default=1024 * 1024, metadata={"doc": "Largest webhook body accepted, in bytes"})
-    KEEP_SANDBOX: bool = field(default=False, metadata={"doc": "Keep each run's sandbox after it ends, for debugging"})
+    KEEP_ABRA_DIR: bool = field(
+        default=False,
+        metadata={"doc": "Keep each run's ABRA_DIR (STATE_DIR/runs/<id>/abra) after it ends, for debugging"},
+    )
     SANDBOX_WRITABLE: tuple[str, ...] = field(
         default=(), metadata={"doc": "Host paths steps may write besides their checkout and ABRA_DIR (process sandbox)"}
     )
@@ -259,10 +262,14 @@ def doc(key: str) -> str:
 
 _CHOICES = {
     "DISPATCH": ("local", "drone"),
-    "EXECUTOR": ("auto", "qemu", "local"),
+    "EXECUTOR": ("auto", "qemu", "bwrap"),
     "LOG_LEVEL": LEVELS,
     "LOG_FORMAT": FORMATS,
 }
+# Names an older ccci used, still read, with a warning that says the new one. "sandbox" now means
+# only the process sandbox, and "local" only where a run is dispatched (DISPATCH=local).
+RENAMED_KEYS = {"KEEP_SANDBOX": "KEEP_ABRA_DIR"}
+RENAMED_VALUES = {("EXECUTOR", "local"): "bwrap"}
 _WHOLE = re.compile(r"^[+-]?[0-9]+$")
 _DURATION = re.compile(r"^(?:(?P<d>[0-9]+)d)?(?:(?P<h>[0-9]+)h)?(?:(?P<m>[0-9]+)m)?(?:(?P<s>[0-9]+)s)?$")
 _UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -280,7 +287,12 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         if not key.startswith(ENV_PREFIX) or key in OWN_VARIABLES:
             continue
         name = key[len(ENV_PREFIX) :]
-        if name in _FIELDS:
+        if name in RENAMED_KEYS:
+            new = RENAMED_KEYS[name]
+            log.warning("the environment variable %s is now %s%s; please rename it", key, ENV_PREFIX, new)
+            if ENV_PREFIX + new not in environ:
+                raw[new] = value
+        elif name in _FIELDS:
             raw[name] = value
         else:
             unknown.append(key)
@@ -289,6 +301,10 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         hint = f"; did you mean {guess[0]}?" if guess else ""
         log.warning("ignoring the environment variable %s: ccci has no such setting%s", key, hint)
     raw.update(overrides)
+    for (key, old), new in RENAMED_VALUES.items():
+        if isinstance(raw.get(key), str) and raw[key].strip() == old:
+            log.warning("%s=%s is now %s=%s; please change it", key, old, key, new)
+            raw[key] = new
     return _validated(Settings(**{k: _coerce(k, v) for k, v in raw.items()}))
 
 
@@ -301,6 +317,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError("CCCI_CONFIG", f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("CCCI_CONFIG", f"{path} is not valid TOML: {exc}") from None
+    for old, new in RENAMED_KEYS.items():
+        if old in data:
+            log.warning("%s: the key %s is now %s; please rename it", path, old, new)
+            value = data.pop(old)
+            data.setdefault(new, value)
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
         guess = difflib.get_close_matches(unknown[0], list(_FIELDS), n=1)

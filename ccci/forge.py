@@ -32,7 +32,7 @@ from .names import is_sha
 
 log = logging.getLogger(__name__)
 
-STATUS_STATES = ("pending", "success", "error", "failure", "warning")
+COMMIT_STATES = ("pending", "success", "error", "failure", "warning")
 # How a forge request can fail: not reached, too slow, refused (4xx), rate limited, broken (5xx), nonsense.
 ERROR_KINDS = ("unreachable", "timeout", "client_error", "rate_limited", "server_error", "bad_response")
 
@@ -216,8 +216,8 @@ class GiteaClient:
         self, owner: str, repo: str, sha: str, *, state: str, description: str, target_url: str, context: str
     ) -> None:
         """Set commit status ``context`` of ``sha``; the latest status per context wins."""
-        if state not in STATUS_STATES:
-            raise ValueError(f"status state must be one of {', '.join(STATUS_STATES)}, not {state!r}")
+        if state not in COMMIT_STATES:
+            raise ValueError(f"status state must be one of {', '.join(COMMIT_STATES)}, not {state!r}")
         if not is_sha(sha):
             raise ValueError(f"{sha[:80]!r} is not a commit sha")
         path = f"/repos/{_seg(owner)}/{_seg(repo)}/statuses/{sha}"

@@ -19,7 +19,7 @@ from .store import Run, Store
 
 STATUS_CONTEXT = "ccci/testme"
 COMMENT_LIMIT = 60_000
-STATUS_STATES = {
+COMMIT_STATE_OF = {
     "queued": "pending",
     "running": "pending",
     "passed": "success",
@@ -70,7 +70,7 @@ class Reporter:
                 "owner": run.owner,
                 "repo": run.repo,
                 "sha": run.sha,
-                "state": STATUS_STATES.get(state, state),
+                "state": COMMIT_STATE_OF.get(state, state),
                 "description": description[:140],
                 "target_url": self.run_url(run.id),
                 "context": STATUS_CONTEXT,

@@ -27,7 +27,7 @@ def env(tmp_path):
     base = {k: v for k, v in os.environ.items() if not k.startswith("CCCI_")}
     return {**base, "PYTHONPATH": str(ROOT), "CCCI_STATE_DIR": str(tmp_path / "state"),
             "CCCI_LOCK_DIR": str(tmp_path / "locks"), "CCCI_ABRA_HOME": str(tmp_path / "abra"),
-            "CCCI_EXECUTOR": "local"}  # fmt: skip
+            "CCCI_EXECUTOR": "bwrap"}  # fmt: skip
 
 
 @pytest.fixture
@@ -113,8 +113,8 @@ def test_runs_and_cancel_work_on_the_store(env, tmp_path):
 
 def test_sweep_removes_a_dead_runs_sandbox_and_reports_it(env, tmp_path):
     victim = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from ccci.harness.sandbox import RunSandbox\n"
-         "box = RunSandbox(Path(sys.argv[1]), Path(sys.argv[2]), 'hello').__enter__()\n"
+        [sys.executable, "-c", "import sys; from pathlib import Path; from ccci.harness.abradir import RunAbraDir\n"
+         "box = RunAbraDir(Path(sys.argv[1]), Path(sys.argv[2]), 'hello').__enter__()\n"
          "print(box.abra_dir, flush=True); sys.stdin.read()",
          str(tmp_path / "state" / "runs" / "41"), str(tmp_path / "abra")],
         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -122,11 +122,11 @@ def test_sweep_removes_a_dead_runs_sandbox_and_reports_it(env, tmp_path):
     abra_dir = Path(victim.stdout.readline().strip())
     assert abra_dir.is_dir()
     live = ccci("sweep", "--json", env=env)
-    assert json.loads(live.stdout)["removed_sandboxes"] == [] and abra_dir.is_dir()  # the owner lives
+    assert json.loads(live.stdout)["removed_abra_dirs"] == [] and abra_dir.is_dir()  # the owner lives
     victim.kill()
     victim.communicate()
     swept = ccci("sweep", env=env)  # for people: a summary line, then one line per thing freed
-    assert swept.returncode == 0 and swept.stdout.startswith("sweep: reaped 0 app(s), removed 1 sandbox(es)")
+    assert swept.returncode == 0 and swept.stdout.startswith("sweep: reaped 0 app(s), removed 1 ABRA_DIR(s)")
     assert f"  removed the sandbox {abra_dir}\n" in swept.stdout
     assert not abra_dir.exists()
 

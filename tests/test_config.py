@@ -71,7 +71,7 @@ def test_lists_from_the_environment_are_comma_separated():
         ({"CCCI_TRIGGER": "testme"}, "TRIGGER"),
         ({"CCCI_TRIGGER": "!test me"}, "TRIGGER"),
         ({"CCCI_ALLOWED_USERS": "alice,bob smith"}, "ALLOWED_USERS"),
-        ({"CCCI_KEEP_SANDBOX": "perhaps"}, "KEEP_SANDBOX"),
+        ({"CCCI_KEEP_ABRA_DIR": "perhaps"}, "KEEP_ABRA_DIR"),
         ({"CCCI_DISPATCH": "drone"}, "DRONE_URL"),
         ({"CCCI_DOMAIN": "Not A Domain"}, "DOMAIN"),
         ({"CCCI_DRONE_REPO": "no-slash"}, "DRONE_REPO"),
@@ -90,7 +90,7 @@ def test_bad_values_are_refused_naming_the_key(env, key):
         ("MAX_RUNS = 2.7", "MAX_RUNS", "whole number"),
         ("STATE_DIR = 5", "STATE_DIR", "path"),
         ("TRIGGER = 1", "TRIGGER", "text"),
-        ("KEEP_SANDBOX = 1", "KEEP_SANDBOX", "true or false"),
+        ("KEEP_ABRA_DIR = 1", "KEEP_ABRA_DIR", "true or false"),
         ("ALLOWED_USERS = [1, 2]", "ALLOWED_USERS", "list of text"),
         ('RUN_TIMEOUT = "1 hour"', "RUN_TIMEOUT", "seconds"),
         ("RUN_TIMEOUT = 1.5", "RUN_TIMEOUT", "seconds"),
@@ -158,7 +158,7 @@ def test_secrets_never_show_in_repr():
 
 
 def test_to_env_round_trips():
-    s = load_settings({"CCCI_ALLOWED_USERS": "a,b", "CCCI_KEEP_SANDBOX": "yes", "CCCI_MAX_RUNS": "3"})
+    s = load_settings({"CCCI_ALLOWED_USERS": "a,b", "CCCI_KEEP_ABRA_DIR": "yes", "CCCI_MAX_RUNS": "3"})
     assert load_settings(s.to_env()) == s
 
 
@@ -187,3 +187,24 @@ def test_the_example_files_examples_are_valid_and_use_no_root_paths(tmp_path):
     live.write_text(re.sub(r"^# ([A-Z_]+ = )", r"\1", text, flags=re.M))
     s = load_settings({"CCCI_CONFIG": str(live), "HOME": str(tmp_path)})
     assert s.ALLOWED_ORGS == ("coop-cloud",) and Path("/var/lib/ccci") == s.STATE_DIR and s.PUBLIC_URL
+
+
+def test_renamed_settings_are_still_read_with_a_warning_naming_the_new_name(caplog, tmp_path):
+    with caplog.at_level(logging.WARNING, logger="ccci.config"):
+        s = load_settings({"CCCI_KEEP_SANDBOX": "yes", "CCCI_EXECUTOR": "local"})
+    assert s.KEEP_ABRA_DIR is True and s.EXECUTOR == "bwrap"
+    said = " | ".join(r.getMessage() for r in caplog.records)
+    assert "CCCI_KEEP_SANDBOX is now CCCI_KEEP_ABRA_DIR" in said and "EXECUTOR=local is now EXECUTOR=bwrap" in said
+
+    caplog.clear()
+    config = tmp_path / "ccci.toml"
+    config.write_text('KEEP_SANDBOX = true\nEXECUTOR = "local"\n')
+    with caplog.at_level(logging.WARNING, logger="ccci.config"):
+        s = load_settings({"CCCI_CONFIG": str(config)})
+    assert s.KEEP_ABRA_DIR is True and s.EXECUTOR == "bwrap"
+    assert "the key KEEP_SANDBOX is now KEEP_ABRA_DIR" in caplog.text
+
+
+def test_the_new_name_wins_over_the_old_one():
+    s = load_settings({"CCCI_KEEP_SANDBOX": "yes", "CCCI_KEEP_ABRA_DIR": "no"})
+    assert s.KEEP_ABRA_DIR is False

@@ -150,7 +150,7 @@ def test_admin_runs_flags_a_lock_held_too_long_and_leaves_it_held(app_factory, t
     from dataclasses import asdict
 
     from ccci.harness.applock import LockHolder, lock_path
-    from ccci.process import process_start_time
+    from ccci.pids import process_start_time
 
     lock_dir = tmp_path / "locks"
     lock_dir.mkdir()

@@ -72,7 +72,7 @@ def world(tmp_path):
         env.update({
             "PYTHONPATH": str(ROOT), "CCCI_STATE_DIR": str(tmp_path / "state"),
             "CCCI_LOCK_DIR": str(tmp_path / "locks"), "CCCI_ABRA_HOME": str(tmp_path / "abra"),
-            "CCCI_RECIPES_DIR": str(recipes.parent), "CCCI_EXECUTOR": "local",
+            "CCCI_RECIPES_DIR": str(recipes.parent), "CCCI_EXECUTOR": "bwrap",
             "CCCI_SANDBOX_WRITABLE": str(marks), "CCCI_FORGE_URL": gitea.url,
         })  # fmt: skip
         yield {"env": env, "marks": marks, "tmp": tmp_path, "clone_url": gitea.clone_url("coop-cloud", "hello"),

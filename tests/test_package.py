@@ -51,7 +51,7 @@ def elsewhere(tmp_path) -> dict[str, str]:
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CCCI_", "PYTHON", "VIRTUAL_ENV", "XDG_"))}
-    return {**env, "HOME": str(home), "CCCI_EXECUTOR": "local", "CCCI_LOCK_DIR": str(tmp_path / "locks")}
+    return {**env, "HOME": str(home), "CCCI_EXECUTOR": "bwrap", "CCCI_LOCK_DIR": str(tmp_path / "locks")}
 
 
 def test_the_installed_command_names_itself_and_its_version(installed, elsewhere, tmp_path):

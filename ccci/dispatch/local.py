@@ -40,14 +40,14 @@ from typing import Any
 from .. import logs
 from ..config import Settings
 from ..doorbell import Doorbell
+from ..harness.abradir import sweep_abra_dirs
 from ..harness.applock import probe_and_reap
 from ..harness.request import RunRequest
 from ..harness.run import app_domain, make_janitor, needs_forge_token, reap_app
 from ..harness.runfiles import RunFiles
-from ..harness.sandbox import sweep_sandboxes
 from ..harness.wire import ProgressReader, report_from
+from ..pids import process_start_time
 from ..pipeline.redact import Redactor
-from ..process import process_start_time
 from ..store import Run
 from . import Finished
 
@@ -235,7 +235,7 @@ class LocalDispatcher:
             logs.for_run(log, run.id).exception("reaping %s failed", domain)
             left.append(f"the app {domain} ({exc})")
         try:
-            sweep_sandboxes(self.settings.runs_dir)
+            sweep_abra_dirs(self.settings.runs_dir)
         except OSError as exc:
             left.append(f"its sandbox ({exc})")
         try:
@@ -246,7 +246,7 @@ class LocalDispatcher:
             left.append(f"its VM forks ({exc})")
         if (self.settings.LOCK_DIR / f"{domain}.lock").exists():
             left.append(f"the lock of {domain}")
-        if RunFiles(self.settings.runs_dir, run.id).sandbox_exists():
+        if RunFiles(self.settings.runs_dir, run.id).abra_dir_exists():
             left.append("its sandbox")
         if not left:
             return "its app, lock and sandbox were cleaned up"

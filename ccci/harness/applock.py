@@ -37,8 +37,8 @@ from pathlib import Path
 from .. import logs
 from ..errors import CcciError
 from ..names import is_app_domain
+from ..pids import process_alive, process_start_time
 from ..pipeline.stop import Stop
-from ..process import process_alive, process_start_time
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Janitor: the safety net that frees what dead runs left behind — apps, locks, sandboxes, VMs.
+"""Janitor: the safety net that frees what dead runs left behind — apps, locks, run ABRA_DIRs, VMs.
 
 Every resource has one owner that frees it when it exits; the janitor is for owners that never
 reached their exit (SIGKILL, a crash, a power cut). It decides "dead" only from facts the kernel
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import logs
+from .abradir import sweep_abra_dirs
 from .applock import LockHolder, LockInfo, list_locks, probe_and_reap
-from .sandbox import sweep_sandboxes
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class SweepReport:
     """What one janitor pass did: reaped, removed, flagged (never stolen), and what failed."""
 
     reaped_apps: list[LockHolder] = field(default_factory=list)
-    removed_sandboxes: list[Path] = field(default_factory=list)
+    removed_abra_dirs: list[Path] = field(default_factory=list)
     flagged: list[LockInfo] = field(default_factory=list)
     swept: dict[str, list] = field(default_factory=dict)  # extra sweeper name -> what it removed
     errors: list[str] = field(default_factory=list)
@@ -42,7 +42,7 @@ class SweepReport:
         """Return the report as JSON-ready data, for /admin and ``ccci sweep --json``."""
         return {
             "reaped_apps": [asdict(h) for h in self.reaped_apps],
-            "removed_sandboxes": [str(p) for p in self.removed_sandboxes],
+            "removed_abra_dirs": [str(p) for p in self.removed_abra_dirs],
             "flagged": [
                 {
                     "app_domain": i.app_domain,
@@ -61,7 +61,7 @@ class SweepReport:
         """Return one line for the log: counts of what was done."""
         swept = sum(len(items) for items in self.swept.values())
         return (
-            f"reaped {len(self.reaped_apps)} app(s), removed {len(self.removed_sandboxes)} sandbox(es) "
+            f"reaped {len(self.reaped_apps)} app(s), removed {len(self.removed_abra_dirs)} ABRA_DIR(s) "
             f"and {swept} other leftover(s); {len(self.flagged)} possible leak(s), {len(self.errors)} error(s)"
         )
 
@@ -105,13 +105,13 @@ class Janitor:
         return report
 
     def thorough(self) -> SweepReport:
-        """Do ``quick``, then remove dead runs' sandboxes and run every extra sweeper."""
+        """Do ``quick``, then remove dead runs' ABRA_DIRs and run every extra sweeper."""
         report = self.quick()
         try:
-            report.removed_sandboxes = sweep_sandboxes(self.runs_dir)
+            report.removed_abra_dirs = sweep_abra_dirs(self.runs_dir)
         except OSError as exc:
-            report.errors.append(f"sweeping sandboxes under {self.runs_dir}: {exc}")
-            log.exception("sweeping sandboxes failed")
+            report.errors.append(f"sweeping ABRA_DIRs under {self.runs_dir}: {exc}")
+            log.exception("sweeping ABRA_DIRs failed")
         for i, sweeper in enumerate(self.extra_sweepers, 1):
             name = _name(sweeper, i)
             try:

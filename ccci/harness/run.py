@@ -1,8 +1,8 @@
 """One run, end to end — the same code under the local worker, under Drone and for ``ccci test``.
 
     lifetime guard ▸ [the start gate] ▸ the run's directory and log
-      ▸ sandbox (per-run ABRA_DIR) ▸ checkout of the pinned sha ▸ app lock ▸ executor ▸ pipeline
-      ◂ lock released ◂ sandbox removed                  (one ExitStack, in reverse, on every path)
+      ▸ the run's ABRA_DIR ▸ checkout of the pinned sha ▸ app lock ▸ executor ▸ pipeline
+      ◂ lock released ◂ ABRA_DIR removed                 (one ExitStack, in reverse, on every path)
     ▸ verdict_of ▸ report.json ▸ guard uninstalled
 
 Resources nest: each is entered in that order and left in reverse order whatever happens — a
@@ -41,8 +41,9 @@ from ..pipeline.report import Report
 from ..pipeline.scheduler import run_pipeline
 from ..pipeline.spec import Pipeline, load_pipeline
 from ..pipeline.stop import Stopped, StopRequest
+from ..vm.bwrap import BwrapExecutor, Confinement
 from ..vm.choose import choose_executor
-from ..vm.process import Confinement, ProcessExecutor
+from .abradir import RunAbraDir, reaper_prefix
 from .applock import AppBusy, LockHolder, acquire_app_lock
 from .artifacts import collect as collect_artifacts
 from .checkout import checkout_pull, copy_source, head_commit
@@ -50,7 +51,6 @@ from .janitor import Janitor
 from .lifetime import LifetimeGuard, install_guard
 from .request import RunRequest
 from .runfiles import RunFiles
-from .sandbox import RunSandbox, reaper_prefix
 from .wire import event_line, report_line
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def _pipeline(settings: Settings, request: RunRequest, guard: LifetimeGuard, fil
     with ExitStack() as resources:
         guard.check()
         box = resources.enter_context(
-            RunSandbox(files.dir, settings.ABRA_HOME, request.recipe, keep=settings.KEEP_SANDBOX)
+            RunAbraDir(files.dir, settings.ABRA_HOME, request.recipe, keep=settings.KEEP_ABRA_DIR)
         )
         if request.source is not None:
             out.say(f"copying {request.source}")
@@ -307,7 +307,7 @@ def _through_gate(guard: LifetimeGuard) -> bool:
 
 
 def _keep_artifacts(checkout: Path, brought_out: Path, files: RunFiles, report: Report, redact: Redactor) -> None:
-    """Keep what the steps left in the checkout's artifacts directory, before the sandbox goes."""
+    """Keep what the steps left in the checkout's artifacts directory, before the ABRA_DIR goes."""
     machines = sorted(p for p in brought_out.iterdir() if p.is_dir()) if brought_out.is_dir() else []
     kept = collect_artifacts(files.artifacts, redact, checkout=checkout, brought_out=machines)
     shutil.rmtree(brought_out, ignore_errors=True)
@@ -351,7 +351,7 @@ def _stopped(request: RunRequest, status: str, note: str) -> Report:
                           status=status, note=note)  # fmt: skip
 
 
-def confinement_for(settings: Settings, box: RunSandbox, *, network: bool) -> Confinement:
+def confinement_for(settings: Settings, box: RunAbraDir, *, network: bool) -> Confinement:
     """Return what the steps of the run in ``box`` may touch in the process sandbox.
 
     Hidden: ccci's state directory (the database, every run's files, VM state), the lock
@@ -376,7 +376,7 @@ def confinement_for(settings: Settings, box: RunSandbox, *, network: bool) -> Co
 
 
 def make_janitor(settings: Settings) -> Janitor:
-    """Return the janitor of this host: locks, sandboxes and VM forks of dead owners."""
+    """Return the janitor of this host: locks, run ABRA_DIRs and VM forks of dead owners."""
     from ..vm.sweep import sweep_vms
 
     return Janitor(
@@ -402,10 +402,10 @@ def reap_app(settings: Settings, holder: LockHolder) -> None:
         path=pipeline.path, steps=teardown, timeout=pipeline.timeout, env=pipeline.env, network=pipeline.network
     )
     settings.runs_dir.mkdir(parents=True, exist_ok=True)
-    # The reaper's own sandbox lives in a temporary run directory, gone with everything in it.
+    # The reaper's own ABRA_DIR lives in a temporary run directory, gone with everything in it.
     with (
         tempfile.TemporaryDirectory(prefix=reaper_prefix(holder.run_id), dir=settings.runs_dir) as workdir,
-        RunSandbox(Path(workdir), settings.ABRA_HOME, recipe) as box,
+        RunAbraDir(Path(workdir), settings.ABRA_HOME, recipe) as box,
     ):
         env = {
             "RECIPE": recipe,
@@ -416,7 +416,7 @@ def reap_app(settings: Settings, holder: LockHolder) -> None:
         }
         report = run_pipeline(
             reaper,
-            ProcessExecutor(confinement=confinement_for(settings, box, network=pipeline.network)),
+            BwrapExecutor(confinement=confinement_for(settings, box, network=pipeline.network)),
             box.recipe_dir,
             env,
             secrets=settings.secrets(),

@@ -7,7 +7,7 @@ STATE_DIR/runs/<id>/
 ├── began          present once the harness started the pipeline: a run whose harness died
 │                  before that never ran a step, and may simply be started again
 ├── artifacts/     files the steps left in .ccci/artifacts, checked and redacted
-└── abra/          the run's ABRA_DIR sandbox (see harness.sandbox), gone after teardown
+└── abra/          the run's ABRA_DIR (see harness.abradir), gone after teardown
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ class RunFiles:
                 changed.append(str(path.relative_to(self.dir)))
         return changed
 
-    def sandbox_exists(self) -> bool:
-        """Tell whether the run's ABRA_DIR sandbox (or its owner file) is still there."""
-        return (self.dir / "abra").exists() or (self.dir / "sandbox-owner.json").exists()
+    def abra_dir_exists(self) -> bool:
+        """Tell whether the run's ABRA_DIR (or its owner file) is still there."""
+        return (self.dir / "abra").exists() or (self.dir / "abra-owner.json").exists()
 
     def write_report(self, report: dict[str, Any]) -> None:
         """Write the report atomically: readers see the old file or the whole new one."""

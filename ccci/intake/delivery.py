@@ -25,7 +25,7 @@ from .signature import verify_signature
 
 
 @dataclass
-class Outcome:
+class HookAnswer:
     """What the webhook answers: an HTTP status and a short JSON body."""
 
     status: int
@@ -33,29 +33,29 @@ class Outcome:
     wake_worker: bool = False
 
 
-def handle_delivery(settings: Settings, store: Store, reporter: Reporter, headers: Headers, body: bytes) -> Outcome:
+def handle_delivery(settings: Settings, store: Store, reporter: Reporter, headers: Headers, body: bytes) -> HookAnswer:
     """Decide what one webhook delivery means and record it."""
     if not settings.WEBHOOK_SECRET:
-        return Outcome(401, {"error": "webhooks are refused: no WEBHOOK_SECRET is configured"})
+        return HookAnswer(401, {"error": "webhooks are refused: no WEBHOOK_SECRET is configured"})
     if not verify_signature(headers, body, settings.WEBHOOK_SECRET):
-        return Outcome(401, {"error": "bad or missing signature"})
+        return HookAnswer(401, {"error": "bad or missing signature"})
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, ValueError):  # JSONDecodeError, and numbers too long to convert
-        return Outcome(400, {"error": "body is not JSON"})
+        return HookAnswer(400, {"error": "body is not JSON"})
     except RecursionError:
-        return Outcome(400, {"error": "body is nested too deeply"})
+        return HookAnswer(400, {"error": "body is nested too deeply"})
     if not isinstance(payload, dict):
-        return Outcome(400, {"error": "body is not a JSON object"})
+        return HookAnswer(400, {"error": "body is not a JSON object"})
     try:
         event = parse_event(headers, payload, bot_login=settings.BOT_LOGIN, trigger=settings.TRIGGER)
     except MalformedEvent as exc:
-        return Outcome(400, {"error": f"malformed event: {exc}"})
+        return HookAnswer(400, {"error": f"malformed event: {exc}"})
     if isinstance(event, Ignored):
-        return Outcome(200, {"result": "ignored", "reason": event.reason})
+        return HookAnswer(200, {"result": "ignored", "reason": event.reason})
     parsed = parse_comment(event.body, settings.TRIGGER)
     if isinstance(parsed, Ignore):
-        return Outcome(200, {"result": "ignored", "reason": parsed.reason})
+        return HookAnswer(200, {"result": "ignored", "reason": parsed.reason})
     if isinstance(parsed, Reply):
         return _usage(settings, store, reporter, event, parsed.text)
     if parsed.name == "test" and not is_recipe(event.repo):
@@ -67,7 +67,7 @@ def handle_delivery(settings: Settings, store: Store, reporter: Reporter, header
     return _test(settings, store, reporter, event)
 
 
-def _test(settings: Settings, store: Store, reporter: Reporter, event: CommentEvent) -> Outcome:
+def _test(settings: Settings, store: Store, reporter: Reporter, event: CommentEvent) -> HookAnswer:
     local = in_allowed_users(event.author, settings.ALLOWED_USERS)  # no forge call here
     if not local and not settings.ALLOWED_ORGS:
         with store.transaction():
@@ -83,7 +83,7 @@ def _test(settings: Settings, store: Store, reporter: Reporter, event: CommentEv
                     login=event.author,
                     text=refusal_text(event.author, settings.TRIGGER),
                 )
-        return Outcome(200, {"result": "refused", "reason": f"{event.author} may not trigger runs"}, claimed)
+        return HookAnswer(200, {"result": "refused", "reason": f"{event.author} may not trigger runs"}, claimed)
     # Only users the allowlist already vouches for are limited here; organisation members are
     # limited by the worker once it knows they are members, so strangers never get an answer.
     if local and store.count_recent_runs(event.author, time.time() - 3600) >= settings.RUNS_PER_HOUR:
@@ -100,7 +100,7 @@ def _test(settings: Settings, store: Store, reporter: Reporter, event: CommentEv
                     login=event.author,
                     text=limit_text(event.author, settings.RUNS_PER_HOUR, settings.TRIGGER),
                 )
-        return Outcome(200, {"result": "limited" if claimed else "ignored"}, wake_worker=claimed)
+        return HookAnswer(200, {"result": "limited" if claimed else "ignored"}, wake_worker=claimed)
     recipe = event.repo
     # The claim, the run and its acknowledgement commit together: all of them or none.
     with store.transaction():
@@ -122,19 +122,19 @@ def _test(settings: Settings, store: Store, reporter: Reporter, event: CommentEv
             reporter.react(run, "eyes")
             reporter.queued(run)
     if not claimed or run is None:
-        return Outcome(
+        return HookAnswer(
             200,
             {"result": "ignored", "reason": "comment already handled", "run": run.id if run else None},
         )
     body: dict[str, Any] = {"result": "queued", "run": run.id}
     if not local:
         body["authorization"] = "pending organisation membership check"
-    return Outcome(202, body, wake_worker=True)
+    return HookAnswer(202, body, wake_worker=True)
 
 
 def _usage(
     settings: Settings, store: Store, reporter: Reporter, event: CommentEvent, text: str, command: str = "usage"
-) -> Outcome:
+) -> HookAnswer:
     """Answer a command that cannot be done with ``text``, only to someone who may use ccci, once per PR."""
     local = in_allowed_users(event.author, settings.ALLOWED_USERS)
     with store.transaction():
@@ -160,20 +160,20 @@ def _usage(
                 comment_id=event.comment_id,
             )
     if not claimed:
-        return Outcome(200, {"result": "ignored", "reason": "comment already handled"})
+        return HookAnswer(200, {"result": "ignored", "reason": "comment already handled"})
     if local:
-        return Outcome(200, {"result": "replied"}, wake_worker=True)
+        return HookAnswer(200, {"result": "replied"}, wake_worker=True)
     if settings.ALLOWED_ORGS:
-        return Outcome(200, {"result": "pending", "reason": "organisation membership check"}, wake_worker=True)
-    return Outcome(200, {"result": "ignored", "reason": f"{event.author} may not use ccci"})
+        return HookAnswer(200, {"result": "pending", "reason": "organisation membership check"}, wake_worker=True)
+    return HookAnswer(200, {"result": "ignored", "reason": f"{event.author} may not use ccci"})
 
 
-def _cancel(store: Store, event: CommentEvent) -> Outcome:
+def _cancel(store: Store, event: CommentEvent) -> HookAnswer:
     claimed, _ = store.claim_comment(owner=event.owner, repo=event.repo, comment_id=event.comment_id, action="cancel")
     if not claimed:
-        return Outcome(200, {"result": "ignored", "reason": "comment already handled"})
+        return HookAnswer(200, {"result": "ignored", "reason": "comment already handled"})
     # The worker checks who may cancel, then cancels through the harness' own teardown.
     store.record_command(
         "cancel", owner=event.owner, repo=event.repo, pr=event.pr, login=event.author, comment_id=event.comment_id
     )
-    return Outcome(202, {"result": "cancel requested"}, wake_worker=True)
+    return HookAnswer(202, {"result": "cancel requested"}, wake_worker=True)

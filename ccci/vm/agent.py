@@ -40,7 +40,7 @@ class AgentRefused(Exception):
 
 
 @dataclass
-class Outcome:
+class GuestExit:
     """How a command ended inside the guest."""
 
     status: int
@@ -88,7 +88,7 @@ class Agent:
         timeout: float | None = None,
         cancel: threading.Event | None = None,
         kill_grace: float = 30.0,
-    ) -> Outcome:
+    ) -> GuestExit:
         """Run ``command`` with /bin/sh -c in the guest; stream its output; kill it on timeout or cancel.
 
         ``kill_grace`` bounds how long a killed command may take to report its exit; past it the
@@ -127,9 +127,9 @@ class Agent:
         timeout: float | None,
         cancel: threading.Event | None,
         kill_grace: float,
-    ) -> Outcome:
+    ) -> GuestExit:
         deadline = None if timeout is None else time.monotonic() + timeout
-        outcome = Outcome(status=-1)
+        outcome = GuestExit(status=-1)
         kill_deadline = None
         while True:
             now = time.monotonic()

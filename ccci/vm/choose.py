@@ -15,10 +15,10 @@ from ..config import Settings
 from ..errors import ConfigError
 from ..pipeline.executor import Executor
 from ..pipeline.spec import DEFAULT_IMAGE
+from .bwrap import BwrapExecutor, Confinement
 from .extras import ImageExtras
 from .host import detect_accel, qemu_binary
 from .image import BUILDERS, find_image
-from .process import Confinement, ProcessExecutor
 
 
 def choose_executor(
@@ -34,7 +34,7 @@ def choose_executor(
 ) -> Executor:
     """Return the executor ``settings.EXECUTOR`` asks for, logging which one and why.
 
-    ``confinement``: what the process sandbox lets steps touch (vm/process.py). ``setup``: the
+    ``confinement``: what the process sandbox lets steps touch (vm/bwrap.py). ``setup``: the
     pipeline's command for the QEMU executor's warm base. ``image``: the pipeline's guest image.
     ``artifacts_dir``: where QEMU machines bring the steps' artifacts out to. ``on_wait`` hears
     that the run waits for a Docker slot; ``interrupted`` ends that wait.
@@ -42,8 +42,8 @@ def choose_executor(
     wanted = settings.EXECUTOR
     image = image or DEFAULT_IMAGE
     confinement = confinement or Confinement()
-    if wanted == "local":
-        return _process(log, "EXECUTOR=local", confinement)
+    if wanted == "bwrap":
+        return _process(log, "EXECUTOR=bwrap", confinement)
     extras = ImageExtras.from_settings(settings)
     reason = _qemu_unavailable(settings, image, extras)
     if reason is None:
@@ -88,6 +88,6 @@ def _qemu_unavailable(settings: Settings, image: str, extras: ImageExtras) -> st
 
 
 def _process(log: Callable[[str], None], why: str, confinement: Confinement) -> Executor:
-    executor = ProcessExecutor(confinement=confinement)
+    executor = BwrapExecutor(confinement=confinement)
     log(f"executor: process sandbox ({why}; isolated_forks={executor.isolated_forks})")
     return executor

@@ -12,7 +12,7 @@ import re
 import secrets
 from pathlib import Path
 
-from ..process import process_start_time
+from ..pids import process_start_time
 
 TAG = re.compile(r"^(?P<kind>[a-z]+)-(?P<pid>\d+)-(?P<entropy>[0-9a-f]{8})$")
 OWNER_FILE = "owner"

@@ -36,7 +36,6 @@ from ..config import Settings
 from ..errors import InfraError, PermanentInfraError, TransientInfraError
 from ..pipeline.executor import ARTIFACTS, TIMEOUT_EXIT, ExecRequest, ExecResult
 from .agent import AgentLost, AgentRefused
-from .base import Snapshot, logs_dir, overlay, restore, save, vm_dir, warm_base
 from .extras import ImageExtras
 from .host import Accel, detect_accel, qemu_binary
 from .image import ImageInfo, find_image
@@ -44,6 +43,7 @@ from .instance import Layout, Vm
 from .network import guest_registry_url
 from .owner import claim, new_tag
 from .slots import RunSlot, slot_count
+from .snapshot import Snapshot, logs_dir, overlay, restore, save, vm_dir, warm_base
 
 log = logging.getLogger(__name__)
 GUEST_ENV = {

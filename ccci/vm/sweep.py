@@ -15,10 +15,10 @@ import signal
 import time
 from pathlib import Path
 
-from ..process import process_start_time
-from .base import logs_dir, vm_dir
+from ..pids import process_start_time
 from .image import images_dir
 from .owner import TAG, owner_alive, owner_pid
+from .snapshot import logs_dir, vm_dir
 
 LOG_AGE = 7 * 86400  # machine logs of dead owners are kept this long, for post-mortems
 _BUILD_TMP = re.compile(r"^\.build-(?P<pid>\d+)-")

@@ -29,11 +29,11 @@ def forge_hook():
     """Accept a Gitea/Forgejo webhook delivery."""
     s = services()
     body = request.get_data(cache=False)
-    outcome = handle_delivery(s.settings, s.store, s.reporter, request.headers, body)
-    if outcome.wake_worker:
+    answer = handle_delivery(s.settings, s.store, s.reporter, request.headers, body)
+    if answer.wake_worker:
         s.doorbell.ring()
-    _decided(outcome.status, outcome.body, body)
-    return jsonify(outcome.body), outcome.status
+    _decided(answer.status, answer.body, body)
+    return jsonify(answer.body), answer.status
 
 
 def _decided(status: int, answer: dict[str, Any], body: bytes = b"") -> None:

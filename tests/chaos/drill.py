@@ -3,7 +3,7 @@
     make chaos                                    # 200 kills, about 8 minutes
     .venv/bin/python -m tests.chaos.drill --kills 20 --seed 7 --keep
 
-It serves ccci for real (``python -m ccci serve``: gunicorn and the worker, EXECUTOR=local, the
+It serves ccci for real (``python -m ccci serve``: gunicorn and the worker, EXECUTOR=bwrap, the
 bubblewrap sandbox) against FakeGitea with three recipe repositories of three pull requests
 each (tests/chaos/world.py); makes traffic at random moments (traffic.py) while it kills the
 gunicorn master, web workers, the ccci worker, harnesses and step shells at random moments
@@ -228,8 +228,8 @@ def _sweep_line(sweep: Any) -> str:
     if not isinstance(sweep, dict):
         return str(sweep)[:200]
     swept = sum(len(v) for v in sweep.get("swept", {}).values())
-    return (f"reaped {len(sweep.get('reaped_apps', []))} app(s), removed {len(sweep.get('removed_sandboxes', []))} "
-            f"sandbox(es) and {swept} other leftover(s), {len(sweep.get('errors', []))} error(s)")  # fmt: skip
+    return (f"reaped {len(sweep.get('reaped_apps', []))} app(s), removed {len(sweep.get('removed_abra_dirs', []))} "
+            f"ABRA_DIR(s) and {swept} other leftover(s), {len(sweep.get('errors', []))} error(s)")  # fmt: skip
 
 
 def _json_or_text(text: str) -> Any:

@@ -17,10 +17,10 @@ from typing import Any
 
 import requests
 
-from ccci.reporter import STATUS_STATES
+from ccci.reporter import COMMIT_STATE_OF
 from ccci.store import ACTIVE_STATES, FINAL_STATES
-from ccci.vm.base import vm_dir
 from ccci.vm.owner import TAG
+from ccci.vm.snapshot import vm_dir
 
 from . import heartbeats
 from .targets import processes_mentioning
@@ -72,7 +72,7 @@ def final_status_problems(run: dict[str, Any], mine: list[dict[str, Any]]) -> li
     if not run["sha"]:
         return [f"run {rid} never pinned a sha yet has commit statuses {mine}"] if mine else []
     finals = [s["state"] for s in mine if s["state"] != "pending"]
-    want = STATUS_STATES[run["state"]]
+    want = COMMIT_STATE_OF[run["state"]]
     if finals != [want]:
         return [f"run {rid} ({run['state']}) has final statuses {finals} on {run['sha'][:10]}, not [{want!r}]"]
     if mine[-1]["state"] != want:
@@ -193,7 +193,7 @@ class Checker:
         bad += [f"lock file left: {p}" for p in sorted(w.lock_dir.glob("*.lock"))]
         runs_dir = w.state_dir / "runs"
         bad += [f"sandbox left: {p}" for p in sorted(runs_dir.glob("*/abra"))]
-        bad += [f"sandbox owner file left: {p}" for p in sorted(runs_dir.glob("*/sandbox-owner.json"))]
+        bad += [f"ABRA_DIR owner file left: {p}" for p in sorted(runs_dir.glob("*/abra-owner.json"))]
         for p in sorted(runs_dir.glob("reap-*")):  # a reaper's temporary run directory (harness.run.reap_app)
             inside = sorted(str(c.relative_to(p)) for c in p.iterdir())
             bad.append(f"reaper's run directory left: {p} ({', '.join(inside) if inside else 'empty'}); "

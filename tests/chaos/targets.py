@@ -26,7 +26,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from ccci.process import process_start_time
+from ccci.pids import process_start_time
 
 KINDS = ("master", "web", "worker", "harness", "step")
 

@@ -266,7 +266,7 @@ class ChaosWorld:
             "CCCI_ALLOWED_USERS": ",".join(USERS),
             "CCCI_BOT_LOGIN": self.gitea.bot_login,
             "CCCI_PUBLIC_URL": PUBLIC_URL,
-            "CCCI_EXECUTOR": "local",
+            "CCCI_EXECUTOR": "bwrap",
             "CCCI_RECIPES_DIR": str(self.recipes_dir),
             "CCCI_SANDBOX_WRITABLE": str(self.marks),
             "CCCI_DOMAIN": DOMAIN,

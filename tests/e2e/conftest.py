@@ -196,7 +196,7 @@ def world_env(tmp: Path, gitea: FakeGitea, **extra: str) -> dict[str, str]:
         "CCCI_ALLOWED_USERS": "alice",
         "CCCI_BOT_LOGIN": gitea.bot_login,
         "CCCI_PUBLIC_URL": "http://ccci.example.test",
-        "CCCI_EXECUTOR": "local",
+        "CCCI_EXECUTOR": "bwrap",
         **extra,
     })  # fmt: skip
     return env

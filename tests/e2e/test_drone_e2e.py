@@ -46,7 +46,7 @@ def runner_config(tmp: Path, gitea: FakeGitea, **extra: str) -> Path:
         "ABRA_HOME": str(tmp / "abra"),
         "FORGE_URL": gitea.url,
         "FORGE_TOKEN": gitea.token,
-        "EXECUTOR": "local",
+        "EXECUTOR": "bwrap",
         **extra,
     }
     path = tmp / "runner.toml"

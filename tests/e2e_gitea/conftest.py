@@ -225,7 +225,7 @@ def gitea_world(real_gitea: RealGitea, tmp_path: Path) -> Iterator[Callable[...,
             "CCCI_WEBHOOK_SECRET": SECRET,
             "CCCI_ADMIN_TOKEN": ADMIN,
             "CCCI_ALLOWED_ORGS": org,
-            "CCCI_EXECUTOR": "local",
+            "CCCI_EXECUTOR": "bwrap",
             **extra,
         })  # fmt: skip
         ccci = CcciServer(env, tmp_path / "ccci.log")

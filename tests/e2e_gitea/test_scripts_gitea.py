@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from ccci.process import process_start_time
+from ccci.pids import process_start_time
 from tests.e2e.conftest import ROOT
 from tests.realgitea import build, instance
 

@@ -41,7 +41,7 @@ from .server import FakeHandler, FakeServer
 
 T = TypeVar("T")
 REACTIONS = ("+1", "-1", "laugh", "hooray", "confused", "heart", "rocket", "eyes")  # [ui] REACTIONS default
-STATUS_STATES = ("pending", "success", "error", "failure", "warning")
+COMMIT_STATES = ("pending", "success", "error", "failure", "warning")
 _T0 = "2025-06-02T14:00:00Z"
 
 
@@ -340,7 +340,7 @@ class FakeGitea(FakeServer):
         return 201, reaction, {}
 
     def _set_status(self, body: Any, query: Any, owner: str, repo: str, sha: str) -> tuple[int, Any, dict]:
-        if not isinstance(body, dict) or body.get("state") not in STATUS_STATES:
+        if not isinstance(body, dict) or body.get("state") not in COMMIT_STATES:
             return 422, {"message": "[State]: invalid state"}, {}
         entries = self.statuses.setdefault(sha, [])
         status = {

@@ -133,11 +133,11 @@ def cmd_janitor(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from ccci.harness.sandbox import RunSandbox
+    from ccci.harness.abradir import RunAbraDir
 
     guard = install_guard(3600) if args.guard else None
     try:
-        with RunSandbox(Path(args.run_dir), Path(args.abra_home), args.recipe) as sandbox:
+        with RunAbraDir(Path(args.run_dir), Path(args.abra_home), args.recipe) as sandbox:
             say("ready", sandbox.abra_dir)
             if guard is not None:
                 guard.event.wait()

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ccci.process import process_alive, process_start_time
+from ccci.pids import process_alive, process_start_time
 
 HELPER = Path(__file__).with_name("helper.py")
 REPO = Path(__file__).resolve().parents[2]

@@ -8,9 +8,9 @@ import logging
 import os
 import signal
 
+from ccci.harness.abradir import OWNER
 from ccci.harness.applock import LockHolder, lock_path
 from ccci.harness.janitor import Janitor
-from ccci.harness.sandbox import OWNER
 
 APP = "demo.ci.localhost"
 
@@ -39,7 +39,7 @@ def test_quick_reaps_a_killed_holders_app_once_and_leaves_a_live_one(helpers, lo
     assert live.wait() == 0
 
 
-def test_thorough_removes_dead_sandboxes_and_runs_every_sweeper(helpers, lock_dir, tmp_path):
+def test_thorough_removes_dead_abra_dirs_and_runs_every_sweeper(helpers, lock_dir, tmp_path):
     runs, home = tmp_path / "runs", tmp_path / "home"
     (home / "servers").mkdir(parents=True)
     live = helpers.start("sandbox", str(runs / "1"), str(home), "demo")
@@ -60,13 +60,13 @@ def test_thorough_removes_dead_sandboxes_and_runs_every_sweeper(helpers, lock_di
         tmp_path, lock_dir, reaped, extra_sweepers=[functools.partial(sweep_vms, tmp_path), broken, lambda: ["x"]]
     )
     report = janitor.thorough()
-    assert report.removed_sandboxes == [runs / "2" / "abra"]
+    assert report.removed_abra_dirs == [runs / "2" / "abra"]
     assert not (runs / "2" / OWNER).exists() and (runs / "1" / "abra").is_dir()
     assert report.swept == {"sweep_vms": [tmp_path / "fork-1.qcow2"], "sweeper-3": ["x"]}
     assert report.errors == ["broken: qemu-img missing"]
     data = report.to_dict()
-    assert json.loads(json.dumps(data))["removed_sandboxes"] == [str(runs / "2" / "abra")]
-    assert "removed 1 sandbox(es) and 2 other leftover(s)" in report.summary()
+    assert json.loads(json.dumps(data))["removed_abra_dirs"] == [str(runs / "2" / "abra")]
+    assert "removed 1 ABRA_DIR(s) and 2 other leftover(s)" in report.summary()
     live.send("leave")
     assert live.wait() == 0
 
@@ -119,7 +119,7 @@ def test_two_janitor_processes_sweeping_everything_at_once_free_each_thing_once(
     reports = [json.loads(j.expect("report").split(" ", 1)[1]) for j in janitors]
     assert [j.wait() for j in janitors] == [0, 0]
     reaped = sorted(h["run_id"] for r in reports for h in r["reaped_apps"])
-    removed = sorted(p for r in reports for p in r["removed_sandboxes"])
+    removed = sorted(p for r in reports for p in r["removed_abra_dirs"])
     assert reaped == [f"run-{i}" for i in range(4)]
     assert removed == sorted(str(runs / str(i) / "abra") for i in range(4))
     assert sorted(json.loads(line)["run"] for line in log.read_text().splitlines()) == reaped

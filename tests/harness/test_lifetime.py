@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
-from ccci.process import process_start_time
+from ccci.pids import process_start_time
 from tests.harness.procs import wait_gone
 
 

@@ -9,7 +9,7 @@ from ccci.pipeline.render import render_comment, render_progress
 from ccci.pipeline.report import Report, StepResult
 from ccci.pipeline.scheduler import run_pipeline
 from ccci.pipeline.spec import load_pipeline
-from ccci.vm.process import ProcessExecutor
+from ccci.vm.bwrap import BwrapExecutor
 
 SHA = "0123456789abcdef" * 2 + "01234567"
 
@@ -65,7 +65,7 @@ def test_a_secret_printed_by_a_step_never_reaches_the_comment(tmp_path):
     (tmp_path / "ci.yml").write_text("steps:\n  - {name: leak, run: 'echo the-token-value-42; exit 1'}\n")
     report = run_pipeline(
         load_pipeline(tmp_path / "ci.yml"),
-        ProcessExecutor(use_bwrap=False),
+        BwrapExecutor(use_bwrap=False),
         tmp_path,
         {"RECIPE": "r"},
         secrets=["the-token-value-42"],
@@ -79,7 +79,7 @@ def test_terminal_progress_prints_a_line_per_start_and_finish(tmp_path):
     printer = TerminalProgress(stream)
     hello = Path(__file__).resolve().parents[2] / "recipes" / "hello" / "ci.yml"
     (tmp_path / "f").write_text("x")
-    report = run_pipeline(load_pipeline(hello), ProcessExecutor(), tmp_path, {"RECIPE": "hello"}, on_event=printer)
+    report = run_pipeline(load_pipeline(hello), BwrapExecutor(), tmp_path, {"RECIPE": "hello"}, on_event=printer)
     printer.summary(report)
     lines = stream.getvalue().splitlines()
     assert sum("▶" in line for line in lines) == 5 and sum("passed" in line for line in lines) == 6

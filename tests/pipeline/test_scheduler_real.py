@@ -14,7 +14,7 @@ from ccci.pipeline.executor import TIMEOUT_EXIT
 from ccci.pipeline.scheduler import run_pipeline
 from ccci.pipeline.spec import load_pipeline
 from ccci.pipeline.stop import Stop
-from ccci.vm.process import ProcessExecutor
+from ccci.vm.bwrap import BwrapExecutor
 
 ENV = {"RECIPE": "demo", "CCCI_RUN": "41", "CCCI_SHA": "f" * 40}
 SLOW = "sh -c 'sleep 300 & echo $! > {pid}; wait'"  # the child must die with the step
@@ -27,7 +27,7 @@ def pipeline(tmp_path, text):
 
 
 def run(tmp_path, text, **kw):
-    executor = ProcessExecutor(use_bwrap=False, grace=0.5)
+    executor = BwrapExecutor(use_bwrap=False, grace=0.5)
     return run_pipeline(pipeline(tmp_path, text), executor, tmp_path, dict(ENV), **kw)
 
 
@@ -209,7 +209,7 @@ def git_checkout(path):
 
 def hello(workspace, sha):
     env = {**ENV, "RECIPE": "hello", "CCCI_SHA": sha, "APP_DOMAIN": "hello.ci.localhost"}
-    return run_pipeline(load_pipeline(HELLO), ProcessExecutor(), workspace, env)
+    return run_pipeline(load_pipeline(HELLO), BwrapExecutor(), workspace, env)
 
 
 def test_the_hello_recipe_passes_on_the_commit_it_was_asked_to_test(tmp_path):

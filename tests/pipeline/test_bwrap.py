@@ -1,4 +1,4 @@
-"""ProcessExecutor with real processes: output, exit codes, env, timeouts, cancel, leftovers."""
+"""BwrapExecutor with real processes: output, exit codes, env, timeouts, cancel, leftovers."""
 
 import os
 import threading
@@ -8,12 +8,12 @@ from pipeline_helpers import alive, read_pid, wait_for
 
 from ccci.errors import PermanentInfraError
 from ccci.pipeline.executor import TIMEOUT_EXIT, ExecRequest
-from ccci.vm.process import ProcessExecutor, bwrap_usable
+from ccci.vm.bwrap import BwrapExecutor, bwrap_usable
 
 
 @pytest.fixture
 def machine(tmp_path):
-    m = ProcessExecutor(use_bwrap=False, grace=0.5).boot(tmp_path)
+    m = BwrapExecutor(use_bwrap=False, grace=0.5).boot(tmp_path)
     yield m
     m.close()
 
@@ -96,17 +96,17 @@ def test_forks_share_the_workspace(machine, tmp_path):
     finally:
         fork.close()
         checkpoint.close()
-    assert ProcessExecutor(use_bwrap=False).isolated_forks is False
+    assert BwrapExecutor(use_bwrap=False).isolated_forks is False
 
 
 def test_boot_refuses_a_missing_workspace(tmp_path):
     with pytest.raises(PermanentInfraError):
-        ProcessExecutor(use_bwrap=False).boot(tmp_path / "nope")
+        BwrapExecutor(use_bwrap=False).boot(tmp_path / "nope")
 
 
 @pytest.mark.skipif(not bwrap_usable(), reason="bubblewrap cannot create namespaces here")
 def test_bwrap_sandbox_has_a_read_only_root_and_a_writable_workspace(tmp_path):
-    machine = ProcessExecutor(use_bwrap=True, grace=0.5).boot(tmp_path)
+    machine = BwrapExecutor(use_bwrap=True, grace=0.5).boot(tmp_path)
     try:
         out, sink = collect()
         cmd = "touch /usr/ccci-test 2>/dev/null && echo rootrw; echo ok > here; cat here; echo $$"

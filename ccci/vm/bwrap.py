@@ -1,8 +1,8 @@
 """The process sandbox executor: steps run as local processes in the run's own directory.
 
-    ProcessExecutor.boot(workspace) ─▶ ProcessMachine (workspace IS the given directory)
+    BwrapExecutor.boot(workspace) ─▶ BwrapMachine (workspace IS the given directory)
         exec(request) ─▶ bwrap … [setpriv …] /bin/sh -c <command>     own session + process group
-        checkpoint().fork() ─▶ another ProcessMachine on the SAME directory (no isolation)
+        checkpoint().fork() ─▶ another BwrapMachine on the SAME directory (no isolation)
 
 Each step runs in its own session and process group, so that a timeout or a cancel can stop the
 whole tree it started: SIGTERM to the group, SIGKILL after a short grace. A step's background
@@ -165,10 +165,10 @@ def hand_over(path: Path, account: tuple[int, int]) -> None:
             os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
 
 
-class ProcessExecutor:
+class BwrapExecutor:
     """Provides ProcessMachines: directories on this host, optionally behind bubblewrap."""
 
-    name = "process"
+    name = "bwrap"
     isolated_forks = False
 
     def __init__(
@@ -189,7 +189,7 @@ class ProcessExecutor:
             self.account = self.confinement.account()
         self._ids = itertools.count(1)
 
-    def boot(self, workspace: Path, image: str | None = None) -> ProcessMachine:
+    def boot(self, workspace: Path, image: str | None = None) -> BwrapMachine:
         """Return a machine working directly in ``workspace`` (``image`` is ignored)."""
         workspace = Path(workspace).resolve()
         if not workspace.is_dir():
@@ -198,15 +198,15 @@ class ProcessExecutor:
             for path in (workspace, *self.confinement.owned):
                 if Path(path).exists():
                     hand_over(Path(path), self.account)
-        return ProcessMachine(self, workspace, f"process-{os.getpid()}-{next(self._ids)}")
+        return BwrapMachine(self, workspace, f"process-{os.getpid()}-{next(self._ids)}")
 
 
-class ProcessMachine:
+class BwrapMachine:
     """A workspace directory where step commands run as process groups; closing kills them all."""
 
     log_path: Path | None = None  # a sandbox has no machine log of its own
 
-    def __init__(self, executor: ProcessExecutor, workspace: Path, name: str):
+    def __init__(self, executor: BwrapExecutor, workspace: Path, name: str):
         self.executor = executor
         self.workspace = workspace
         self.name = name
@@ -313,15 +313,15 @@ class ProcessMachine:
 
 
 class SharedCheckpoint:
-    """A 'checkpoint' of a ProcessMachine: it forks machines on the same, shared directory."""
+    """A 'checkpoint' of a BwrapMachine: it forks machines on the same, shared directory."""
 
-    def __init__(self, machine: ProcessMachine):
+    def __init__(self, machine: BwrapMachine):
         self.machine = machine
 
-    def fork(self) -> ProcessMachine:
+    def fork(self) -> BwrapMachine:
         """Return a new machine on the parent's directory."""
         parent = self.machine
-        return ProcessMachine(parent.executor, parent.workspace, f"{parent.name}.fork{next(parent._forks)}")
+        return BwrapMachine(parent.executor, parent.workspace, f"{parent.name}.fork{next(parent._forks)}")
 
     def close(self) -> None:
         """Nothing to free: a shared checkpoint holds no state of its own."""

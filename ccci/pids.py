@@ -1,6 +1,6 @@
 """A process named for good: its pid together with its start time.
 
-Pids are reused; the start time of a reused pid differs. Lock holders, sandbox owners and VM
+Pids are reused; the start time of a reused pid differs. Lock holders, ABRA_DIR owners and VM
 fork owners all record both, so a janitor never mistakes a new process for a dead owner.
 """
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ccci.errors import CcciError
-from ccci.harness.sandbox import OWNER, RunSandbox, sweep_sandboxes
+from ccci.harness.abradir import OWNER, RunAbraDir, sweep_abra_dirs
 from ccci.pipeline.stop import Stopped, StopRequest
 
 
@@ -30,7 +30,7 @@ def snapshot(root: Path) -> dict[str, str]:
 
 def test_the_tree_links_servers_and_catalogue_and_has_a_fresh_recipe_dir(tmp_path, abra_home):
     run_dir = tmp_path / "runs" / "17"
-    with RunSandbox(run_dir, abra_home, "demo") as box:
+    with RunAbraDir(run_dir, abra_home, "demo") as box:
         assert box.abra_dir == run_dir / "abra" and box.recipe_dir == run_dir / "abra" / "recipes" / "demo"
         assert sorted(p.name for p in box.abra_dir.iterdir()) == ["catalogue", "recipes", "servers"]
         for name in ("servers", "catalogue"):
@@ -47,7 +47,7 @@ def test_the_tree_links_servers_and_catalogue_and_has_a_fresh_recipe_dir(tmp_pat
 def test_leaving_removes_the_sandbox_but_not_the_run_dir_nor_abra_home(tmp_path, abra_home):
     run_dir = tmp_path / "runs" / "17"
     before = snapshot(abra_home)
-    with RunSandbox(run_dir, abra_home, "demo") as box:
+    with RunAbraDir(run_dir, abra_home, "demo") as box:
         (run_dir / "log").write_text("the run's log")
         (box.recipe_dir / "compose.yml").write_text("services: {}")
         (box.abra_dir / "servers" / "ci.localhost" / "other.env").write_text("x")  # through the link
@@ -63,14 +63,14 @@ def test_leaving_removes_the_sandbox_but_not_the_run_dir_nor_abra_home(tmp_path,
 
 
 def test_an_exception_removes_the_sandbox(tmp_path, abra_home):
-    with pytest.raises(ValueError), RunSandbox(tmp_path / "run", abra_home, "demo") as box:
+    with pytest.raises(ValueError), RunAbraDir(tmp_path / "run", abra_home, "demo") as box:
         raise ValueError("step crashed")
     assert not box.abra_dir.exists()
     assert snapshot(abra_home)["servers/ci.localhost/demo.ci.localhost.env"] == "TYPE=demo\n"
 
 
 def test_run_interrupted_removes_the_sandbox(tmp_path, abra_home):
-    with pytest.raises(Stopped), RunSandbox(tmp_path / "run", abra_home, "demo") as box:
+    with pytest.raises(Stopped), RunAbraDir(tmp_path / "run", abra_home, "demo") as box:
         raise Stopped(StopRequest("canceled", 143, "SIGTERM received"))
     assert not box.abra_dir.exists()
 
@@ -88,23 +88,23 @@ def test_a_real_sigterm_removes_the_sandbox(helpers, tmp_path, abra_home):
 
 def test_keep_keeps_the_sandbox_and_no_sweep_removes_it(tmp_path, abra_home):
     runs = tmp_path / "runs"
-    with RunSandbox(runs / "5", abra_home, "demo", keep=True) as box:
+    with RunAbraDir(runs / "5", abra_home, "demo", keep=True) as box:
         (box.recipe_dir / "debug-me").write_text("x")
     assert (box.recipe_dir / "debug-me").read_text() == "x"
     assert json.loads((runs / "5" / OWNER).read_text())["kept"] is True
-    assert sweep_sandboxes(runs) == []
+    assert sweep_abra_dirs(runs) == []
     assert (box.recipe_dir / "debug-me").exists()
 
 
 def test_abra_home_is_never_written_and_missing_entries_are_not_linked(tmp_path):
     home = tmp_path / "abra-home"
     (home / "servers").mkdir(parents=True)
-    with RunSandbox(tmp_path / "a", home, "demo") as box:
+    with RunAbraDir(tmp_path / "a", home, "demo") as box:
         assert box.shared == ["servers"]
         assert not (box.abra_dir / "catalogue").exists() and not (box.abra_dir / "catalogue").is_symlink()
     assert sorted(p.name for p in home.iterdir()) == ["servers"]
     missing = tmp_path / "no-such-home"
-    with RunSandbox(tmp_path / "b", missing, "demo") as box:
+    with RunAbraDir(tmp_path / "b", missing, "demo") as box:
         assert box.shared == [] and box.recipe_dir.is_dir()
     assert not missing.exists()
 
@@ -114,7 +114,7 @@ def test_a_retried_run_gets_a_fresh_recipe_dir(tmp_path, abra_home):
     stale = run_dir / "abra" / "recipes" / "demo"
     stale.mkdir(parents=True)
     (stale / "old-checkout").write_text("x")  # left by a dead owner of the same run dir
-    with RunSandbox(run_dir, abra_home, "demo") as box:
+    with RunAbraDir(run_dir, abra_home, "demo") as box:
         assert list(box.recipe_dir.iterdir()) == []
 
 
@@ -122,7 +122,7 @@ def test_a_live_owners_sandbox_cannot_be_entered_again(helpers, tmp_path, abra_h
     run_dir = tmp_path / "run"
     owner = helpers.start("sandbox", str(run_dir), str(abra_home), "demo")
     owner.expect("ready")
-    with pytest.raises(CcciError, match="belongs to a live process"), RunSandbox(run_dir, abra_home, "demo"):
+    with pytest.raises(CcciError, match="belongs to a live process"), RunAbraDir(run_dir, abra_home, "demo"):
         pass
     assert (run_dir / "abra" / "recipes" / "demo").is_dir()  # untouched
     owner.send("leave")
@@ -137,25 +137,25 @@ def test_the_sweep_removes_a_dead_owners_sandbox_and_never_a_live_ones(helpers, 
     live.expect("ready")
     dead.expect("ready")
     (runs / "2" / "report.json").write_text("{}")
-    assert sweep_sandboxes(runs) == []  # both alive
+    assert sweep_abra_dirs(runs) == []  # both alive
     os.kill(dead.pid, signal.SIGKILL)
     dead.wait()
     before = snapshot(abra_home)
-    assert sweep_sandboxes(runs) == [runs / "2" / "abra"]
+    assert sweep_abra_dirs(runs) == [runs / "2" / "abra"]
     assert not (runs / "2" / "abra").exists() and not (runs / "2" / OWNER).exists()
     assert (runs / "2" / "report.json").exists()
     assert (runs / "1" / "abra" / "recipes" / "demo").is_dir()
     assert snapshot(abra_home) == before
-    assert sweep_sandboxes(runs) == []
+    assert sweep_abra_dirs(runs) == []
     live.send("leave")
     assert live.wait() == 0
-    assert sweep_sandboxes(runs) == []  # a clean leave left nothing to sweep
+    assert sweep_abra_dirs(runs) == []  # a clean leave left nothing to sweep
 
 
 def test_a_killed_reapers_run_directory_is_swept_and_a_live_ones_is_not(tmp_path):
     import subprocess
 
-    from ccci.harness.sandbox import reaper_prefix
+    from ccci.harness.abradir import reaper_prefix
 
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -165,5 +165,5 @@ def test_a_killed_reapers_run_directory_is_swept_and_a_live_ones_is_not(tmp_path
     dead.wait()
     gone = runs / f"reap-8-{dead.pid}-12345-xyz"  # a reaper SIGKILLed mid-reap
     (gone / "abra" / "recipes").mkdir(parents=True)
-    sweep_sandboxes(runs)
+    sweep_abra_dirs(runs)
     assert live.exists() and not gone.exists()

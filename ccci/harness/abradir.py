@@ -1,4 +1,4 @@
-"""Run sandbox: the per-run ABRA_DIR, so that concurrent runs never share a recipe tree.
+"""A run's own ABRA_DIR, so that concurrent runs never share a recipe tree.
 
 abra keeps recipe checkouts under ``$ABRA_DIR/recipes`` and mutates them (checkout, re-clone);
 two runs sharing one tree would test each other's code. Each run gets its own ABRA_DIR in which
@@ -19,36 +19,36 @@ from pathlib import Path
 
 from ..errors import CcciError
 from ..names import is_recipe
-from ..process import process_alive, process_start_time
+from ..pids import process_alive, process_start_time
 from .applock import fd_is_current, try_flock, unlink_if_current
 
 log = logging.getLogger(__name__)
 
-OWNER = "sandbox-owner.json"
+OWNER = "abra-owner.json"
 SHARED = ("servers", "catalogue")
 
 
-class RunSandbox:
+class RunAbraDir:
     """One run's ABRA_DIR, a context manager: entering creates it, leaving removes it.
 
     ::
 
         STATE_DIR/runs/<id>/               run_dir: the run's log and report stay here
-        ├── sandbox-owner.json             {run, pid, pid_start, created_at, kept}; flock'd
-        │                                  by the owner while the sandbox lives
+        ├── abra-owner.json             {run, pid, pid_start, created_at, kept}; flock'd
+        │                                  by the owner while the ABRA_DIR lives
         └── abra/                          abra_dir: exported as ABRA_DIR to every step
             ├── servers   -> ABRA_HOME/servers     shared app .env files
             ├── catalogue -> ABRA_HOME/catalogue   shared recipe catalogue
             └── recipes/
                 └── <recipe>/              recipe_dir: fresh and empty; the checkout goes here
 
-    ABRA_HOME is never written to. A shared entry missing from it is left out of the sandbox
+    ABRA_HOME is never written to. A shared entry missing from it is left out of the ABRA_DIR
     rather than linked dangling, and abra creates a per-run one if it needs it (a CI-only host
     with no ABRA_HOME gets an empty per-run ``servers/``; deployments then fail in abra, which
     names the missing server). Removal never follows the symlinks.
 
-    The owner holds ``flock`` on the owner file for the sandbox's whole life, so the janitor
-    (``sweep_sandboxes``) tells a dead owner's sandbox from a live one without trusting pids;
+    The owner holds ``flock`` on the owner file for the ABRA_DIR's whole life, so the janitor
+    (``sweep_abra_dirs``) tells a dead owner's ABRA_DIR from a live one without trusting pids;
     the JSON is for people. Leaving removes ``abra/`` on every path, including a stop request,
     unless ``keep=True``: then the owner file is marked kept and no sweep removes it.
     """
@@ -68,16 +68,16 @@ class RunSandbox:
 
     @property
     def run_id(self) -> str:
-        """The run this sandbox belongs to (the name of its run directory)."""
+        """The run this ABRA_DIR belongs to (the name of its run directory)."""
         return self.run_dir.name
 
-    def __enter__(self) -> RunSandbox:
+    def __enter__(self) -> RunAbraDir:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = self._own()
         try:
             if self.abra_dir.exists() or self.abra_dir.is_symlink():
                 # Left by a dead owner of the same run directory (a retried run): never reuse it.
-                log.info("removing the previous sandbox %s", self.abra_dir)
+                log.info("removing the previous ABRA_DIR %s", self.abra_dir)
                 remove_tree(self.abra_dir)
             self._write_owner(fd, kept=False)
             self.recipe_dir.mkdir(parents=True)
@@ -87,7 +87,7 @@ class RunSandbox:
                     (self.abra_dir / name).symlink_to(target.absolute(), target_is_directory=True)
                     self.shared.append(name)
                 else:
-                    log.info("%s has no %s/; the sandbox gets none", self.abra_home, name)
+                    log.info("%s has no %s/; the ABRA_DIR gets none", self.abra_home, name)
         except BaseException:
             self._fd = fd
             self._leave(keep=False)
@@ -103,7 +103,7 @@ class RunSandbox:
             fd = os.open(self._owner, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             if not try_flock(fd):
                 os.close(fd)
-                raise CcciError(f"the sandbox in {self.run_dir} belongs to a live process")
+                raise CcciError(f"the ABRA_DIR in {self.run_dir} belongs to a live process")
             if fd_is_current(fd, self._owner):
                 return fd
             os.close(fd)  # a sweep removed the file between our open and flock: take a fresh one
@@ -129,14 +129,14 @@ class RunSandbox:
         try:
             if keep:
                 self._write_owner(fd, kept=True)
-                log.info("kept the sandbox %s", self.abra_dir)
+                log.info("kept the ABRA_DIR %s", self.abra_dir)
                 return
             remove_tree(self.abra_dir)
             unlink_if_current(fd, self._owner)
         except Exception:
             # Raising here would hide the run's own error; the owner file stays, so the next
             # sweep finishes the removal.
-            log.exception("could not remove the sandbox %s; the janitor will", self.abra_dir)
+            log.exception("could not remove the ABRA_DIR %s; the janitor will", self.abra_dir)
         finally:
             os.close(fd)
 
@@ -154,10 +154,10 @@ def reaper_prefix(run_id: str | int) -> str:
     return f"reap-{run_id}-{pid}-{process_start_time(pid) or 0}-"
 
 
-def sweep_sandboxes(runs_dir: Path) -> list[Path]:
-    """Remove the sandboxes of dead owners under ``runs_dir``; return the removed ABRA_DIRs.
+def sweep_abra_dirs(runs_dir: Path) -> list[Path]:
+    """Remove the ABRA_DIRs of dead owners under ``runs_dir``; return the removed ABRA_DIRs.
 
-    A live owner's sandbox and a kept one are never touched; the run directories (logs,
+    A live owner's ABRA_DIR and a kept one are never touched; the run directories (logs,
     reports) stay — except a dead reaper's temporary run directory, which holds nothing else.
     """
     removed = []
@@ -175,10 +175,10 @@ def sweep_sandboxes(runs_dir: Path) -> list[Path]:
             if abra.exists() or abra.is_symlink():
                 remove_tree(abra)
                 removed.append(abra)
-                log.info("removed the sandbox %s of a dead run", abra)
+                log.info("removed the ABRA_DIR %s of a dead run", abra)
             unlink_if_current(fd, owner)
         except OSError:
-            log.exception("could not remove the sandbox under %s", owner.parent)
+            log.exception("could not remove the ABRA_DIR under %s", owner.parent)
         finally:
             os.close(fd)
     for reaper in sorted(runs_dir.glob("reap-*")) if runs_dir.is_dir() else []:
