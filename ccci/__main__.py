@@ -221,7 +221,7 @@ def cmd_sweep(settings, args) -> int:
     for holder in report.reaped_apps:
         print(f"  reaped {holder.app_domain} of dead run {holder.run_id}")
     for path in report.removed_abra_dirs:
-        print(f"  removed the sandbox {path}")
+        print(f"  removed the ABRA_DIR {path}")
     for name, items in report.swept.items():
         for item in items:
             print(f"  removed {name}: {item}")

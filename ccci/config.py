@@ -229,7 +229,7 @@ class Settings:
 
     @property
     def runs_dir(self) -> Path:
-        """The parent of every run's own directory (sandbox, log, report)."""
+        """The parent of every run's own directory (ABRA_DIR, log, report)."""
         return self.STATE_DIR / "runs"
 
     def secrets(self) -> list[str]:

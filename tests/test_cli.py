@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from ccci.store import Store
 from tests.fakes.gitrepo import git
+from tests.pipeline.pipeline_helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,7 +113,7 @@ def test_runs_and_cancel_work_on_the_store(env, tmp_path):
     assert "no run 999" in ccci("cancel", "999", env=env).stderr
 
 
-def test_sweep_removes_a_dead_runs_sandbox_and_reports_it(env, tmp_path):
+def test_sweep_removes_a_dead_runs_abra_dir_and_reports_it(env, tmp_path):
     victim = subprocess.Popen(
         [sys.executable, "-c", "import sys; from pathlib import Path; from ccci.harness.abradir import RunAbraDir\n"
          "box = RunAbraDir(Path(sys.argv[1]), Path(sys.argv[2]), 'hello').__enter__()\n"
@@ -127,7 +129,7 @@ def test_sweep_removes_a_dead_runs_sandbox_and_reports_it(env, tmp_path):
     victim.communicate()
     swept = ccci("sweep", env=env)  # for people: a summary line, then one line per thing freed
     assert swept.returncode == 0 and swept.stdout.startswith("sweep: reaped 0 app(s), removed 1 ABRA_DIR(s)")
-    assert f"  removed the sandbox {abra_dir}\n" in swept.stdout
+    assert f"  removed the ABRA_DIR {abra_dir}\n" in swept.stdout
     assert not abra_dir.exists()
 
 
@@ -159,7 +161,7 @@ def test_artifacts_steps_leave_are_kept_with_the_run(env, checkout, tmp_path):
     assert done.returncode == 0 and report["artifacts"] == ["junit.xml"]
     [kept] = (tmp_path / "state" / "runs").glob("*/artifacts/junit.xml")
     assert kept.read_text() == "<testsuite/>\n"
-    assert not list((tmp_path / "state" / "runs").glob("*/abra"))  # the sandbox itself is gone
+    assert not list((tmp_path / "state" / "runs").glob("*/abra"))  # the ABRA_DIR itself is gone
 
 
 def test_sweep_reaps_a_dead_runs_app_through_its_recipes_teardown_and_leaves_nothing(env, tmp_path):
@@ -188,7 +190,7 @@ def test_sweep_reaps_a_dead_runs_app_through_its_recipes_teardown_and_leaves_not
     assert "  reaped reaper.ci.localhost of dead run 77\n" in swept.stdout
     assert (tmp_path / "abra" / "servers" / "reaped").read_text() == "reaper.ci.localhost run 77\n"
     assert not list(lock_dir.iterdir())
-    assert not list((tmp_path / "state" / "runs").glob("reap-*"))  # the reaper's own sandbox is gone too
+    assert not list((tmp_path / "state" / "runs").glob("reap-*"))  # the reaper's own run directory is gone too
     again = ccci("sweep", "--json", env={**env, "CCCI_RECIPES_DIR": str(recipes)})
     assert json.loads(again.stdout)["reaped_apps"] == []
     assert (tmp_path / "abra" / "servers" / "reaped").read_text().count("\n") == 1  # exactly once
@@ -272,3 +274,50 @@ def test_image_build_says_what_it_built_and_json_on_request(env, tmp_path):
     assert "ImageInfo(" not in done.stdout and "  kernel:    /" in done.stdout
     data = json.loads(ccci("image", "build", "tiny", "--json", env=env).stdout)
     assert data["name"] == "tiny" and data["cached"] is True and Path(data["kernel"]).is_file()
+
+
+def open_writer(fifo: Path) -> int | None:
+    """Open ``fifo`` for writing once a reader has it open (None until then; never blocks)."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # ENXIO: no reader yet
+        return None
+
+
+def test_a_second_sigterm_during_teardown_does_not_cut_the_harness_teardown_short(env, checkout, tmp_path):
+    # The real harness, its guard and the bwrap sandbox: the first SIGTERM cancels the run, the
+    # second arrives while the teardown step is blocked on a fifo and must not stop it.
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    marks.chmod(0o777)  # the sandbox runs steps as an unprivileged user
+    os.mkfifo(marks / "go", 0o666)
+    recipe = tmp_path / "slow-teardown"
+    recipe.mkdir()
+    (recipe / "ci.yml").write_text(
+        "steps:\n"
+        f"  - name: work\n    run: touch {marks}/work.started && sleep 300\n"
+        "  - name: down\n    teardown: true\n"
+        f"    run: echo begun > {marks}/down.begun && read line < {marks}/go && echo $line > {marks}/down.done\n"
+    )
+    harness = subprocess.Popen(
+        [sys.executable, "-m", "ccci", "test", str(recipe), "--source", str(checkout), "--json"], cwd=ROOT,
+        env={**env, "CCCI_SANDBOX_WRITABLE": str(marks)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: (marks / "work.started").exists() or harness.poll() is not None, timeout=60, what="work")
+        harness.send_signal(signal.SIGTERM)
+        wait_for(lambda: (marks / "down.begun").exists() or harness.poll() is not None, timeout=60, what="teardown")
+        harness.send_signal(signal.SIGTERM)
+        harness.send_signal(signal.SIGINT)
+        go = wait_for(lambda: open_writer(marks / "go"), timeout=60, what="the teardown step to open the fifo")
+        assert harness.poll() is None, "the second signal ended the harness during teardown"
+        os.write(go, b"released\n")
+        os.close(go)
+        out, err = harness.communicate(timeout=60)
+    finally:
+        harness.kill()
+        harness.wait()
+    report = json.loads(out)
+    assert report["status"] == "canceled", err
+    assert {s["name"]: s["status"] for s in report["steps"]} == {"work": "canceled", "down": "passed"}
+    assert (marks / "down.done").read_text() == "released\n"

@@ -26,6 +26,7 @@ import yaml
 
 from ccci.config import Settings, load_settings
 from ccci.store import Store
+from ccci.worker import SWEEP_EVERY
 from tests.support import ROOT, free_port, stop, wait_for_port
 
 DEPLOY = ROOT / "deploy"
@@ -107,7 +108,7 @@ def unit_env(name: str) -> dict[str, str]:
     return dict(p.split("=", 1) for value in read_unit(name)["Service"]["Environment"] for p in shlex.split(value))
 
 
-@pytest.mark.parametrize("name", ["ccci-web.service", "ccci-worker.service"])
+@pytest.mark.parametrize("name", ["ccci-web.service", "ccci-worker.service", "ccci-sweep.service", "ccci-sweep.timer"])
 def test_systemd_unit_verifies(tmp_path, name):
     # systemd-analyze checks every key and value and that ExecStart's binary exists; point the
     # install root at this checkout so it can.
@@ -121,7 +122,7 @@ def test_systemd_unit_verifies(tmp_path, name):
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
-@pytest.mark.parametrize("name", ["ccci-web.service", "ccci-worker.service"])
+@pytest.mark.parametrize("name", ["ccci-web.service", "ccci-worker.service", "ccci-sweep.service"])
 def test_systemd_unit_paths_agree_with_ccci_settings(name):
     service = read_unit(name)["Service"]
     env = unit_env(name)
@@ -153,6 +154,18 @@ def test_systemd_worker_unit_command_is_the_worker(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "usage: python -m ccci worker" in result.stdout
+
+
+def test_systemd_sweep_unit_sweeps_and_its_timer_starts_it(tmp_path):
+    argv = shlex.split(read_unit("ccci-sweep.service")["Service"]["ExecStart"][0].replace(INSTALL_ROOT, str(ROOT)))
+    env = {**app_env(tmp_path), "CCCI_LOCK_DIR": str(tmp_path / "locks"), "CCCI_EXECUTOR": "bwrap"}
+    result = subprocess.run([*argv, "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["errors"] == []
+    timer = read_unit("ccci-sweep.timer")
+    # the worker's own period, so both kinds of host free leaks as fast
+    assert timer["Timer"]["OnUnitActiveSec"] == [f"{SWEEP_EVERY / 60:g}min"]
+    assert timer["Install"]["WantedBy"] == ["timers.target"]
 
 
 # -- nginx -------------------------------------------------------------------------------------

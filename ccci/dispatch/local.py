@@ -1,6 +1,6 @@
 """Local dispatch: each run is a child process ``python -m ccci run …`` on this host.
 
-The child is the harness (lifetime guard, sandbox, app lock, pipeline). Starting one is a
+The child is the harness (lifetime guard, ABRA_DIR, app lock, executor, pipeline). Starting one is a
 handshake, so that no harness ever runs a step unless the store knows of it:
 
     spawn ``setpriv --pdeathsig TERM python -m ccci run … --parent-pid <worker> --gate``
@@ -16,7 +16,7 @@ The spawn happens on the worker's main thread: PDEATHSIG follows the thread that
 A cancel is SIGTERM to the harness' process group (it tears down). A harness that outlives
 ``RUN_TIMEOUT + RUN_GRACE`` is killed with SIGKILL: the safety net under its own deadline.
 A thread per run waits for its exit; one that ended without a report (killed, crashed) has what
-it left cleaned up — its app reaped, its lock and sandbox removed, its VM forks swept — before
+it left cleaned up — its app reaped, its lock and ABRA_DIR removed, its VM forks swept — before
 the worker hears of it, so that the final report can say truthfully what is left. After a
 worker restart, a run still marked running is adopted: a live harness (same pid *and* start
 time) is watched through a pidfd; a dead one's leftovers are collected.
@@ -237,7 +237,7 @@ class LocalDispatcher:
         try:
             sweep_abra_dirs(self.settings.runs_dir)
         except OSError as exc:
-            left.append(f"its sandbox ({exc})")
+            left.append(f"its ABRA_DIR ({exc})")
         try:
             from ..vm.sweep import sweep_vms
 
@@ -247,9 +247,9 @@ class LocalDispatcher:
         if (self.settings.LOCK_DIR / f"{domain}.lock").exists():
             left.append(f"the lock of {domain}")
         if RunFiles(self.settings.runs_dir, run.id).abra_dir_exists():
-            left.append("its sandbox")
+            left.append("its ABRA_DIR")
         if not left:
-            return "its app, lock and sandbox were cleaned up"
+            return "its app, lock and ABRA_DIR were cleaned up"
         return f"left behind: {', '.join(left)}; the worker's next sweep, or `ccci sweep`, removes them"
 
 

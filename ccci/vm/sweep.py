@@ -38,7 +38,7 @@ def sweep_vms(state_dir: Path, prune_bases_after: float | None = None) -> list[s
         if bases.is_dir():
             dead += [p for p in bases.iterdir() if TAG.match(p.name) and not owner_alive(p)]
         for path in dead:
-            for pid in _processes_using(path):
+            for pid in processes_using(path):
                 try:
                     os.kill(pid, signal.SIGKILL)
                     removed.append(f"pid {pid}")
@@ -66,7 +66,7 @@ def sweep_vms(state_dir: Path, prune_bases_after: float | None = None) -> list[s
     return removed
 
 
-def _processes_using(path: Path) -> list[int]:
+def processes_using(path: Path) -> list[int]:
     """Return the pids whose command line names ``path`` (QEMU names its RAM and disk files)."""
     needle = str(path).encode()
     pids = []

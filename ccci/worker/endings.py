@@ -32,7 +32,7 @@ from ..store import ACTIVE_STATES, FINAL_STATES, Run, Store
 log = logging.getLogger(__package__)  # one component for the operator: ccci.worker
 
 INTERRUPTED = "interrupted: {reason}; {cleanup}. Comment `{trigger}` to run it again."
-CLEANED = "its app, lock and sandbox were cleaned up"
+CLEANED = "its app, lock and ABRA_DIR were cleaned up"
 
 
 class Endings:

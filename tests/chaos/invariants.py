@@ -30,7 +30,7 @@ from .world import PUBLIC_URL, ChaosWorld
 INVARIANTS = {
     "exactly one final report": "Every accepted !testme gets exactly one final report, across restarts of any process",
     "one comment, one run": "One comment -> at most one run, however often the forge delivers it",
-    "nothing leaks": "After the next sweep: no process of any run, no fork file, lock or sandbox",
+    "nothing leaks": "After the next sweep: no process of any run, no fork file, lock or ABRA_DIR",
     "same app never overlaps": "Two runs of the same app never overlap",
     "apps never wait for each other": "Runs of different apps never wait for each other (no global serialisation)",
     "no secret anywhere": "No secret value appears in a comment, a log, a report, a run file or a page",
@@ -186,13 +186,13 @@ class Checker:
     # -- nothing leaks -------------------------------------------------------------------------------
 
     def leaks(self, figures: dict[str, Any]) -> list[str]:
-        """After the sweep: no run's process, lock file, sandbox or VM fork is left."""
+        """After the sweep: no run's process, lock file, ABRA_DIR or VM fork is left."""
         w = self.world
         bad = [f"process {pid} outlived its run: {line}" for pid, line in
                processes_mentioning(w.needles, w.root, self.live)]  # fmt: skip
         bad += [f"lock file left: {p}" for p in sorted(w.lock_dir.glob("*.lock"))]
         runs_dir = w.state_dir / "runs"
-        bad += [f"sandbox left: {p}" for p in sorted(runs_dir.glob("*/abra"))]
+        bad += [f"ABRA_DIR left: {p}" for p in sorted(runs_dir.glob("*/abra"))]
         bad += [f"ABRA_DIR owner file left: {p}" for p in sorted(runs_dir.glob("*/abra-owner.json"))]
         for p in sorted(runs_dir.glob("reap-*")):  # a reaper's temporary run directory (harness.run.reap_app)
             inside = sorted(str(c.relative_to(p)) for c in p.iterdir())

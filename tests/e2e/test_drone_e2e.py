@@ -164,7 +164,7 @@ def test_canceling_a_drone_build_kills_the_step_shell_and_the_harness_still_tear
     teardown = next(s for s in report.steps if s.name == "teardown")
     assert teardown.status == "passed"
     assert not processes_with(f"sleep {naptime}") and not processes_with("--run-id 42 ")
-    assert not (tmp_path / "runner-state" / "runs" / "42" / "abra").exists()  # the run's sandbox is gone
+    assert not (tmp_path / "runner-state" / "runs" / "42" / "abra").exists()  # the run's ABRA_DIR is gone
     assert list((tmp_path / "locks").glob("*")) == []  # the app lock was released
 
 

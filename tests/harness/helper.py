@@ -9,7 +9,7 @@ visible to the test.
     spawn-guarded ARGS...          an intermediate parent that starts `guard ARGS...` and waits
     hold-lock DIR DOMAIN RUN [--wait S] [--reap-log F] [--guard]
     janitor DIR [--reap-log F] [--reap-gate] [--runs-dir D]   (Janitor.thorough)
-    sandbox RUN_DIR ABRA_HOME RECIPE [--guard]
+    abradir RUN_DIR ABRA_HOME RECIPE [--guard]
 """
 
 from __future__ import annotations
@@ -132,16 +132,16 @@ def cmd_janitor(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sandbox(args: argparse.Namespace) -> int:
+def cmd_abradir(args: argparse.Namespace) -> int:
     from ccci.harness.abradir import RunAbraDir
 
     guard = install_guard(3600) if args.guard else None
     try:
-        with RunAbraDir(Path(args.run_dir), Path(args.abra_home), args.recipe) as sandbox:
-            say("ready", sandbox.abra_dir)
+        with RunAbraDir(Path(args.run_dir), Path(args.abra_home), args.recipe) as abra_dir:
+            say("ready", abra_dir.abra_dir)
             if guard is not None:
                 guard.event.wait()
-                guard.check()  # a stop request ends the body: the sandbox is left on the way out
+                guard.check()  # a stop request ends the body: the ABRA_DIR is removed on the way out
             sys.stdin.readline()
     except Stopped as exc:
         say("interrupted", exc.request.status)
@@ -175,7 +175,7 @@ def main() -> int:
     p.add_argument("--reap-log")
     p.add_argument("--reap-gate", action="store_true")
     p.add_argument("--runs-dir", default="/nonexistent/ccci-runs")
-    p = sub.add_parser("sandbox")
+    p = sub.add_parser("abradir")
     p.add_argument("run_dir")
     p.add_argument("abra_home")
     p.add_argument("recipe")
@@ -190,7 +190,7 @@ def main() -> int:
         "spawn-guarded": cmd_spawn_guarded,
         "hold-lock": cmd_hold_lock,
         "janitor": cmd_janitor,
-        "sandbox": cmd_sandbox,
+        "abradir": cmd_abradir,
     }[args.command]
     return handler(args)
 

@@ -44,7 +44,7 @@ def test_the_tree_links_servers_and_catalogue_and_has_a_fresh_recipe_dir(tmp_pat
         assert box.shared == ["servers", "catalogue"]
 
 
-def test_leaving_removes_the_sandbox_but_not_the_run_dir_nor_abra_home(tmp_path, abra_home):
+def test_leaving_removes_the_abra_dir_but_not_the_run_dir_nor_abra_home(tmp_path, abra_home):
     run_dir = tmp_path / "runs" / "17"
     before = snapshot(abra_home)
     with RunAbraDir(run_dir, abra_home, "demo") as box:
@@ -62,22 +62,22 @@ def test_leaving_removes_the_sandbox_but_not_the_run_dir_nor_abra_home(tmp_path,
     assert after == before
 
 
-def test_an_exception_removes_the_sandbox(tmp_path, abra_home):
+def test_an_exception_removes_the_abra_dir(tmp_path, abra_home):
     with pytest.raises(ValueError), RunAbraDir(tmp_path / "run", abra_home, "demo") as box:
         raise ValueError("step crashed")
     assert not box.abra_dir.exists()
     assert snapshot(abra_home)["servers/ci.localhost/demo.ci.localhost.env"] == "TYPE=demo\n"
 
 
-def test_run_interrupted_removes_the_sandbox(tmp_path, abra_home):
+def test_run_interrupted_removes_the_abra_dir(tmp_path, abra_home):
     with pytest.raises(Stopped), RunAbraDir(tmp_path / "run", abra_home, "demo") as box:
         raise Stopped(StopRequest("canceled", 143, "SIGTERM received"))
     assert not box.abra_dir.exists()
 
 
-def test_a_real_sigterm_removes_the_sandbox(helpers, tmp_path, abra_home):
+def test_a_real_sigterm_removes_the_abra_dir(helpers, tmp_path, abra_home):
     run_dir = tmp_path / "run"
-    run = helpers.start("sandbox", str(run_dir), str(abra_home), "demo", "--guard")
+    run = helpers.start("abradir", str(run_dir), str(abra_home), "demo", "--guard")
     run.expect("ready")
     assert (run_dir / "abra" / "recipes" / "demo").is_dir()
     os.kill(run.pid, signal.SIGTERM)
@@ -86,7 +86,7 @@ def test_a_real_sigterm_removes_the_sandbox(helpers, tmp_path, abra_home):
     assert not (run_dir / "abra").exists() and not (run_dir / OWNER).exists()
 
 
-def test_keep_keeps_the_sandbox_and_no_sweep_removes_it(tmp_path, abra_home):
+def test_keep_keeps_the_abra_dir_and_no_sweep_removes_it(tmp_path, abra_home):
     runs = tmp_path / "runs"
     with RunAbraDir(runs / "5", abra_home, "demo", keep=True) as box:
         (box.recipe_dir / "debug-me").write_text("x")
@@ -118,9 +118,9 @@ def test_a_retried_run_gets_a_fresh_recipe_dir(tmp_path, abra_home):
         assert list(box.recipe_dir.iterdir()) == []
 
 
-def test_a_live_owners_sandbox_cannot_be_entered_again(helpers, tmp_path, abra_home):
+def test_a_live_owners_abra_dir_cannot_be_entered_again(helpers, tmp_path, abra_home):
     run_dir = tmp_path / "run"
-    owner = helpers.start("sandbox", str(run_dir), str(abra_home), "demo")
+    owner = helpers.start("abradir", str(run_dir), str(abra_home), "demo")
     owner.expect("ready")
     with pytest.raises(CcciError, match="belongs to a live process"), RunAbraDir(run_dir, abra_home, "demo"):
         pass
@@ -130,10 +130,10 @@ def test_a_live_owners_sandbox_cannot_be_entered_again(helpers, tmp_path, abra_h
     assert owner.wait() == 0
 
 
-def test_the_sweep_removes_a_dead_owners_sandbox_and_never_a_live_ones(helpers, tmp_path, abra_home):
+def test_the_sweep_removes_a_dead_owners_abra_dir_and_never_a_live_ones(helpers, tmp_path, abra_home):
     runs = tmp_path / "runs"
-    live = helpers.start("sandbox", str(runs / "1"), str(abra_home), "demo")
-    dead = helpers.start("sandbox", str(runs / "2"), str(abra_home), "demo")
+    live = helpers.start("abradir", str(runs / "1"), str(abra_home), "demo")
+    dead = helpers.start("abradir", str(runs / "2"), str(abra_home), "demo")
     live.expect("ready")
     dead.expect("ready")
     (runs / "2" / "report.json").write_text("{}")

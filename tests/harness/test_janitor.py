@@ -42,8 +42,8 @@ def test_quick_reaps_a_killed_holders_app_once_and_leaves_a_live_one(helpers, lo
 def test_thorough_removes_dead_abra_dirs_and_runs_every_sweeper(helpers, lock_dir, tmp_path):
     runs, home = tmp_path / "runs", tmp_path / "home"
     (home / "servers").mkdir(parents=True)
-    live = helpers.start("sandbox", str(runs / "1"), str(home), "demo")
-    dead = helpers.start("sandbox", str(runs / "2"), str(home), "demo")
+    live = helpers.start("abradir", str(runs / "1"), str(home), "demo")
+    dead = helpers.start("abradir", str(runs / "2"), str(home), "demo")
     live.expect("ready")
     dead.expect("ready")
     os.kill(dead.pid, signal.SIGKILL)
@@ -110,7 +110,7 @@ def test_two_janitor_processes_sweeping_everything_at_once_free_each_thing_once(
     runs, home, log = tmp_path / "runs", tmp_path / "home", tmp_path / "reaps"
     home.mkdir()
     victims = [helpers.start("hold-lock", str(lock_dir), f"app{i}.ci.localhost", f"run-{i}") for i in range(4)]
-    victims += [helpers.start("sandbox", str(runs / str(i)), str(home), "demo") for i in range(4)]
+    victims += [helpers.start("abradir", str(runs / str(i)), str(home), "demo") for i in range(4)]
     for victim in victims:
         victim.expect("ready")
         os.kill(victim.pid, signal.SIGKILL)

@@ -25,7 +25,7 @@ import pytest
 from ccci.vm.host import qemu_binary
 from ccci.vm.image import build_image
 from ccci.vm.qemu import QemuExecutor
-from ccci.vm.sweep import _processes_using
+from ccci.vm.sweep import processes_using
 from tests.vm.vmhelpers import CACHE, busybox_rootfs, registry_cli, shared_vm_state
 
 DOCKER_TOOLS = ("mmdebstrap", "docker-registry", "umoci", "skopeo")
@@ -58,7 +58,7 @@ def state_dir(tmp_path: Path):
     state = shared_vm_state(tmp_path)
     yield state
     # Reap every QEMU this test left (a failed assertion must not leak a VM), then say so.
-    leaked = _processes_using(state) + _processes_using(state.resolve())
+    leaked = processes_using(state) + processes_using(state.resolve())
     for pid in set(leaked):
         try:
             os.kill(pid, signal.SIGKILL)

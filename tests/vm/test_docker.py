@@ -25,7 +25,7 @@ from ccci.pipeline.stop import Stop
 from ccci.vm.image import build_image
 from ccci.vm.qemu import QemuExecutor
 from ccci.vm.slots import acquire_slot
-from ccci.vm.sweep import _processes_using
+from ccci.vm.sweep import processes_using
 from tests.e2e.conftest import wait_until
 from tests.vm.vmhelpers import REPO, STACK, fork_files, run
 
@@ -154,7 +154,7 @@ def test_cancel_mid_deploy_leaves_no_qemu_and_no_fork_file(docker_executor, tmp_
     assert steps["deploy"].status == "canceled" and steps["after"].status == "canceled"
     assert steps["teardown"].status == "passed" and steps["teardown"].stdout == "active\n"  # the fork still worked
     assert fork_files(state_dir) == []
-    assert _processes_using(state_dir) == [] and _processes_using(state_dir.resolve()) == []
+    assert processes_using(state_dir) == [] and processes_using(state_dir.resolve()) == []
 
 
 OWNER = textwrap.dedent(
@@ -197,7 +197,7 @@ def test_sigkill_of_the_owner_mid_deploy_then_sweep_leaves_nothing(docker_cache,
     done = subprocess.run([sys.executable, "-m", "ccci", "sweep"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert fork_files(state_dir) == []
-    assert _processes_using(state_dir) == [] and _processes_using(state_dir.resolve()) == []
+    assert processes_using(state_dir) == [] and processes_using(state_dir.resolve()) == []
 
 
 def test_ccci_test_runs_a_recipe_in_a_docker_fork_after_waiting_visibly_for_a_slot(docker_cache, state_dir, tmp_path):

@@ -23,7 +23,7 @@ from ccci.pipeline.spec import parse_pipeline
 from ccci.vm import qemu as qemu_module
 from ccci.vm.choose import choose_executor
 from ccci.vm.qemu import QemuExecutor
-from ccci.vm.sweep import _processes_using, sweep_vms
+from ccci.vm.sweep import processes_using, sweep_vms
 from tests.vm.vmhelpers import fork_files, run
 
 pytestmark = pytest.mark.vm
@@ -181,7 +181,7 @@ def test_sigkill_of_the_owner_then_sweep_leaves_nothing_and_spares_live_peers(ex
         assert fork_files(state_dir) == [state_dir / "vm" / peer.name]
         assert run(peer, "echo peer alive")[1] == "peer alive\n"
     assert fork_files(state_dir) == []
-    assert _processes_using(state_dir) == []
+    assert processes_using(state_dir) == []
 
 
 def test_auto_uses_qemu_only_when_the_pipelines_image_is_built(state_dir, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ccci.vm.sweep import _processes_using
+from ccci.vm.sweep import processes_using
 from tests.vm.vmhelpers import fork_files, run
 
 pytestmark = [pytest.mark.vm, pytest.mark.soak]
@@ -47,4 +47,4 @@ def test_hundreds_of_fork_run_destroy_cycles_leak_nothing(executor, workspace, s
     assert all(files == 0 for _, _, files in samples), samples
     assert end_fds <= warm_fds, samples
     assert end_rss - warm_rss < 32 * 1024, samples  # KiB: well under a fork's worth of memory
-    assert _processes_using(state_dir) == []
+    assert processes_using(state_dir) == []

@@ -176,7 +176,7 @@ def test_a_harness_gone_without_a_report_ends_interrupted_and_says_what_was_clea
     world.open_pr(1)
     run_id = world.testme(1)["run"]
     world.settle()
-    world.dispatcher.lose(run_id, cleanup="its app, lock and sandbox were cleaned up")
+    world.dispatcher.lose(run_id, cleanup="its app, lock and ABRA_DIR were cleaned up")
     world.settle()
     body = final_comment(world, 1).body
     assert world.run(run_id).state == "error" and "interrupted" in body and "cleaned up" in body and "!testme" in body
