@@ -235,10 +235,12 @@ def cmd_sweep(settings, args) -> int:
 
 def cmd_image_build(settings, args) -> int:
     """Build a guest image into the cache."""
-    from .vm.extras import ImageExtras
+    from .vm.extras import ImageExtras, require_abra
     from .vm.image import build_image
 
-    extras = ImageExtras.from_settings(settings)  # IMAGE_FILES, IMAGE_PACKAGES (the docker image)
+    extras = ImageExtras.from_settings(settings)  # ABRA_BIN, IMAGE_FILES, IMAGE_PACKAGES (the docker image)
+    if args.name == "docker":
+        require_abra(extras, settings.RECIPES_DIR)  # before minutes of building an image no run can use
     info = build_image(args.name, settings.STATE_DIR, progress=lambda msg: print(msg, file=sys.stderr), extras=extras)
     parts = {"kernel": info.kernel, "initramfs": info.initrd, "disk": info.disk}
     if args.json:

@@ -178,11 +178,15 @@ class Settings:
             "doc": "TCG translation buffer of each QEMU in MiB (QEMU's own default, 1024, is mostly private memory)"
         },
     )
+    ABRA_BIN: str = field(
+        default="",
+        metadata={
+            "doc": "The abra executable put into the docker image as /usr/local/bin/abra (scripts/abra builds one)"
+        },
+    )
     IMAGE_FILES: tuple[str, ...] = field(
         default=(),
-        metadata={
-            "doc": "Files put into the docker image, as GUEST_PATH=HOST_PATH (e.g. /usr/local/bin/abra=/opt/abra)"
-        },
+        metadata={"doc": "More files put into the docker image, as GUEST_PATH=HOST_PATH (e.g. /etc/motd=/opt/motd)"},
     )
     IMAGE_PACKAGES: tuple[str, ...] = field(default=(), metadata={"doc": "Extra Debian packages for the docker image"})
     REGISTRY_MIRROR: str = field(
@@ -416,6 +420,8 @@ def _validated(s: Settings) -> Settings:
     ):  # fmt: skip
         if getattr(s, key) < 1:
             raise ConfigError(key, "must be at least 1")
+    if s.ABRA_BIN and not os.path.isabs(os.path.expanduser(s.ABRA_BIN)):
+        raise ConfigError("ABRA_BIN", f"{s.ABRA_BIN!r} is not an absolute path")
     for path in s.SANDBOX_WRITABLE:
         if not path.startswith("/"):
             raise ConfigError("SANDBOX_WRITABLE", f"{path!r} is not an absolute path")

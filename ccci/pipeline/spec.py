@@ -57,6 +57,9 @@ TEARDOWN_TIMEOUT = 600.0
 MIN_SECRET = 8
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# "abra" as a command word: at a line's start or after a shell operator, not inside another word
+# or a path (ABRA_DIR, $ABRA_DIR/servers and ./abra.sh do not count).
+_ABRA_COMMAND = re.compile(r"(?:^|[\s;&|(`]|\$\()abra(?=\s|$|;|\))", re.MULTILINE)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PIPELINE_KEYS = {"timeout", "parallelism", "env", "image", "setup", "network", "steps"}
 _STEP_KEYS = {"name", "run", "needs", "timeout", "allow_failure", "env", "fork_from", "teardown"}
@@ -124,6 +127,11 @@ class Pipeline:
     def label(self) -> str:
         """Return how errors name this file: ``<recipe>/ci.yml``, relative to RECIPES_DIR."""
         return label_of(self.path)
+
+    @property
+    def uses_abra(self) -> bool:
+        """Whether a step (or the setup) runs the ``abra`` command: the machine must have abra then."""
+        return any(_ABRA_COMMAND.search(text) for text in (self.setup or "", *(s.run for s in self.steps)))
 
     def step(self, name: str) -> Step:
         """Return the step called ``name``."""

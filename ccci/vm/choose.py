@@ -31,13 +31,15 @@ def choose_executor(
     artifacts_dir: Path | None = None,
     on_wait: Callable[[str], None] | None = None,
     interrupted: Callable[[], bool] | None = None,
+    needs_abra: bool = False,
 ) -> Executor:
     """Return the executor ``settings.EXECUTOR`` asks for, logging which one and why.
 
     ``confinement``: what the process sandbox lets steps touch (vm/bwrap.py). ``setup``: the
     pipeline's command for the QEMU executor's warm base. ``image``: the pipeline's guest image.
     ``artifacts_dir``: where QEMU machines bring the steps' artifacts out to. ``on_wait`` hears
-    that the run waits for a Docker slot; ``interrupted`` ends that wait.
+    that the run waits for a Docker slot; ``interrupted`` ends that wait. ``needs_abra``: the
+    pipeline runs abra, so a docker image without it is refused, naming ABRA_BIN.
     """
     wanted = settings.EXECUTOR
     image = image or DEFAULT_IMAGE
@@ -49,6 +51,13 @@ def choose_executor(
     if reason is None:
         from .qemu import QemuExecutor
 
+        info = find_image(image, settings.STATE_DIR)
+        if needs_abra and not extras.has_abra and info is not None and info.heavy:
+            raise ConfigError(
+                "ABRA_BIN",
+                f"this recipe's ci.yml runs abra, and the {image} image has none; set ABRA_BIN to an abra executable "
+                f"(scripts/abra builds one) and run: python -m ccci image build {image}",
+            )
         accel = detect_accel()
         log(f"executor: qemu microVM forks of the {image} image ({accel.name}: {accel.reason})")
         return QemuExecutor(

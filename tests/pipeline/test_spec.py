@@ -1,5 +1,8 @@
 """ci.yml validation: every kind of mistake is refused with the file, the step and the key named."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from ccci.errors import SpecError
@@ -158,3 +161,30 @@ def test_setup_is_a_pipeline_key_for_the_vm_warm_base(tmp_path):
     path.write_text("setup: [not, text]\nsteps:\n  - name: a\n    run: echo a\n")
     with pytest.raises(SpecError, match="key 'setup'"):
         load_pipeline(path)
+
+
+@pytest.mark.parametrize(
+    "run, uses",
+    [
+        ("abra app deploy -n x", True),
+        ("set -eu\n  abra app new x", True),
+        ("test -f x && abra app ps x", True),
+        ("out=$(abra app ps x)", True),
+        ('ls "$ABRA_DIR/servers"', False),
+        (". ./abra.sh && echo $ABRA_DIR", False),
+        ("echo cabra", False),
+    ],
+)
+def test_a_pipeline_knows_whether_it_runs_abra(tmp_path, run, uses):
+    ci = tmp_path / "r" / "ci.yml"
+    ci.parent.mkdir()
+    ci.write_text(f"steps:\n  - name: a\n    run: {json.dumps(run)}\n")
+    assert load_pipeline(ci).uses_abra is uses
+
+
+def test_the_default_pipeline_runs_abra_and_forks_its_checks_from_health():
+    pipeline = load_pipeline(Path(__file__).resolve().parents[2] / "ccci" / "recipes" / "_default" / "ci.yml")
+    assert pipeline.uses_abra
+    assert [s.name for s in pipeline.steps if not s.teardown] == ["new", "release", "deploy", "health", "recipe-tests"]
+    assert pipeline.step("recipe-tests").fork_from == "health"
+    assert [s.name for s in pipeline.steps if s.teardown] == ["undeploy", "remove"]

@@ -9,7 +9,7 @@ import pytest
 from ccci.config import load_settings
 from ccci.errors import ConfigError
 from ccci.vm import debian
-from ccci.vm.extras import ImageExtras
+from ccci.vm.extras import ImageExtras, require_abra
 from ccci.vm.network import guest_registry_url
 
 
@@ -72,3 +72,29 @@ def test_sources_and_versions_come_from_this_machines_apt():
     assert lines[0].split()[2] == debian.SUITE  # the release itself first, then its updates
     assert debian.version("docker.io") and debian.version("no-such-package-ccci") is None
     assert debian.kernel_package().endswith("-cloud-amd64")
+
+
+def test_abra_bin_becomes_the_guests_abra_and_a_second_abra_is_refused(tmp_path):
+    abra = tmp_path / "abra"
+    abra.write_bytes(b"#!/bin/sh\necho abra\n")
+    extras = ImageExtras.from_settings(load_settings({}, ABRA_BIN=str(abra)))
+    assert extras.files == (("/usr/local/bin/abra", abra),) and extras.has_abra
+    assert not ImageExtras.from_settings(load_settings({})).has_abra
+    with pytest.raises(ConfigError, match="^IMAGE_FILES: /usr/local/bin/abra is ABRA_BIN's"):
+        ImageExtras.from_settings(load_settings({}, ABRA_BIN=str(abra), IMAGE_FILES=[f"/usr/local/bin/abra={abra}"]))
+    with pytest.raises(ConfigError, match="^ABRA_BIN: 'abra' is not an absolute path"):
+        load_settings({}, ABRA_BIN="abra")
+
+
+def test_an_image_for_pipelines_that_run_abra_is_refused_without_abra(tmp_path):
+    recipes = tmp_path / "recipes"
+    for name, run in (("plain", "echo hi"), ("needs", "abra app ps x")):
+        (recipes / name).mkdir(parents=True)
+        (recipes / name / "ci.yml").write_text(f"steps:\n  - name: a\n    run: {run}\n")
+    with pytest.raises(ConfigError, match="^ABRA_BIN: the docker image needs abra: the ci.yml of needs in"):
+        require_abra(ImageExtras(), recipes)
+    abra = tmp_path / "abra"
+    abra.write_bytes(b"x")
+    require_abra(ImageExtras(files=(("/usr/local/bin/abra", abra),)), recipes)  # given: fine
+    (recipes / "needs" / "ci.yml").write_text("image: tiny\nsteps:\n  - name: a\n    run: abra x\n")
+    require_abra(ImageExtras(), recipes)  # only pipelines of the docker image count
