@@ -321,3 +321,19 @@ def test_a_second_sigterm_during_teardown_does_not_cut_the_harness_teardown_shor
     assert report["status"] == "canceled", err
     assert {s["name"]: s["status"] for s in report["steps"]} == {"work": "canceled", "down": "passed"}
     assert (marks / "down.done").read_text() == "released\n"
+
+
+def test_on_the_host_the_steps_are_told_so_and_the_report_says_host(env, checkout, tmp_path):
+    recipe = tmp_path / "modes"
+    recipe.mkdir()
+    (recipe / "ci.yml").write_text("steps:\n  - name: where\n    run: echo $CCCI_MODE\n")
+    done = ccci("test", str(recipe), "--source", str(checkout), "--json", env=env)
+    report = json.loads(done.stdout)
+    assert done.returncode == 0 and report["mode"] == "host" and report["steps"][0]["stdout"] == "host\n"
+
+
+def test_the_docker_image_is_not_built_without_abra_for_pipelines_that_run_it(env):
+    done = ccci("image", "build", "docker", env=env)  # RECIPES_DIR: the packaged recipes, _default runs abra
+    assert done.returncode != 0
+    assert "ABRA_BIN: the docker image needs abra: the ci.yml of _default" in done.stderr
+    assert "scripts/abra builds one" in done.stderr

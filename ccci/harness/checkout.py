@@ -1,8 +1,10 @@
 """The recipe checkout: exactly the pinned commit of a pull request, fetched with real git.
 
 The PR head is fetched from the *base* repository as ``refs/pull/<n>/head`` (Gitea and
-Forgejo publish every PR there, forks included), then the pinned sha is checked out detached
-and verified. A token for the forge is handed to git through ``GIT_CONFIG_*`` variables, never
+Forgejo publish every PR there, forks included), together with the base repository's tags — a
+recipe's releases (``<recipe-version>+<upstream-version>``), which the upgrade check deploys
+first — then the pinned sha is checked out detached and verified.
+A token for the forge is handed to git through ``GIT_CONFIG_*`` variables, never
 on a command line where ``ps`` would show it.
 """
 
@@ -37,7 +39,7 @@ def checkout_pull(
     _git(["init", "-q", str(dest)], env)
     ref = f"refs/pull/{int(pr)}/head"
     _git(
-        ["-C", str(dest), "fetch", "-q", "--no-tags", clone_url, f"+{ref}:refs/ccci/pr"],
+        ["-C", str(dest), "fetch", "-q", "--no-tags", clone_url, f"+{ref}:refs/ccci/pr", "+refs/tags/*:refs/tags/*"],
         env,
         what=f"fetching {ref} from {_safe_url(clone_url)}",
         transient=True,

@@ -1,9 +1,16 @@
 """One run, end to end — the same code under the local worker, under Drone and for ``ccci test``.
 
     lifetime guard ▸ [the start gate] ▸ the run's directory and log
-      ▸ the run's ABRA_DIR ▸ checkout of the pinned sha ▸ app lock ▸ executor ▸ pipeline
+      ▸ the run's ABRA_DIR ▸ checkout of the pinned sha ▸ [app lock] ▸ executor ▸ pipeline
       ◂ lock released ◂ ABRA_DIR removed                 (one ExitStack, in reverse, on every path)
     ▸ verdict_of ▸ report.json ▸ guard uninstalled
+
+Two modes, chosen with the executor and told to the steps as ``CCCI_MODE``: ``fork`` — QEMU forks
+of the docker image, each with a swarm of its own, so the app is the fork's and needs no lock
+(abra's whole world is then in the guest: the ABRA_DIR path holds only the checkout, and the
+pipeline adds the fork's local swarm as abra's server); ``host`` — the process sandbox, steps
+drive the operator's swarm through the run's ABRA_DIR (``servers/`` and ``catalogue/`` linked
+from ABRA_HOME), and the app's lock keeps two runs of one recipe apart. The report says which.
 
 Resources nest: each is entered in that order and left in reverse order whatever happens — a
 failed checkout, a busy app, a cancel (SIGTERM, exit 143), the deadline (exit 142), the
@@ -208,22 +215,6 @@ def _pipeline(settings: Settings, request: RunRequest, guard: LifetimeGuard, fil
             checkout_pull(request.clone_url, request.pr, request.sha, box.recipe_dir, forge_url=settings.FORGE_URL,
                           token=settings.FORGE_TOKEN if request.private else "", stop=guard)  # fmt: skip
         guard.check()
-        holder = LockHolder.for_this_process(run_id=request.run_id, recipe=request.recipe, app_domain=domain)
-        resources.enter_context(
-            acquire_app_lock(
-                settings.LOCK_DIR, domain, holder, wait=settings.LOCK_WAIT,
-                # A holder that died left its app deployed: this run reaps it before taking the lock.
-                reap=lambda dead: reap_app(settings, dead),
-                on_wait=lambda h: _waiting(out, domain, h), trigger=settings.TRIGGER, stop=guard,
-            )
-        )  # fmt: skip
-        env = {
-            "RECIPE": request.recipe,
-            "APP_DOMAIN": domain,
-            "ABRA_DIR": str(box.abra_dir),
-            "CCCI_RUN": request.run_id,
-            "CCCI_SHA": request.sha or head_commit(box.recipe_dir),
-        }
         brought_out = files.dir / "artifacts.in"
         executor = choose_executor(
             settings,
@@ -234,8 +225,31 @@ def _pipeline(settings: Settings, request: RunRequest, guard: LifetimeGuard, fil
             artifacts_dir=brought_out,
             on_wait=lambda text: _machine_waiting(out, text),
             interrupted=guard.is_set,
+            needs_abra=pipeline.uses_abra,
         )
-        out.say(f"executor: {executor.name}")
+        # In a fork the app is the fork's own, on the fork's own swarm: no other run can touch it,
+        # and two runs of one recipe may go at once. On the host the app lives on the operator's
+        # swarm, shared by every run of the recipe: its lock serialises them.
+        mode = "fork" if executor.own_swarm else "host"
+        if mode == "host":
+            holder = LockHolder.for_this_process(run_id=request.run_id, recipe=request.recipe, app_domain=domain)
+            resources.enter_context(
+                acquire_app_lock(
+                    settings.LOCK_DIR, domain, holder, wait=settings.LOCK_WAIT,
+                    # A holder that died left its app deployed: this run reaps it before taking the lock.
+                    reap=lambda dead: reap_app(settings, dead),
+                    on_wait=lambda h: _waiting(out, domain, h), trigger=settings.TRIGGER, stop=guard,
+                )
+            )  # fmt: skip
+        env = {
+            "RECIPE": request.recipe,
+            "APP_DOMAIN": domain,
+            "ABRA_DIR": str(box.abra_dir),
+            "CCCI_RUN": request.run_id,
+            "CCCI_SHA": request.sha or head_commit(box.recipe_dir),
+            "CCCI_MODE": mode,
+        }
+        out.say(f"executor: {executor.name}, mode: {mode}")
         guard.check()
         files.mark_began()
         report = run_pipeline(
@@ -250,6 +264,7 @@ def _pipeline(settings: Settings, request: RunRequest, guard: LifetimeGuard, fil
             recipe=request.recipe,
             sha=env["CCCI_SHA"],
         )
+        report.mode = mode
         _keep_artifacts(box.recipe_dir, brought_out, files, report, out.redact)
         if pipeline.setup and executor.name != "qemu":
             report.notes.append(f"setup skipped: the {executor.name} executor has no warm base to prepare")

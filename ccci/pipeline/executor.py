@@ -91,6 +91,11 @@ class Executor(Protocol):
     name: str
     isolated_forks: bool  # False: fork_from steps run in the parent's sandbox, one at a time
 
+    @property
+    def own_swarm(self) -> bool:
+        """True: every machine runs a Docker swarm of its own, so an app deployed there is the machine's."""
+        ...
+
     def boot(self, workspace: Path, image: str | None = None) -> Machine:
         """Provide a fresh machine whose workspace holds a copy of ``workspace``."""
         ...

@@ -47,6 +47,12 @@ def duration(ms: int | None) -> str:
     return f"{ms // 60_000} min {ms // 1000 % 60:02d} s"
 
 
+MODES = {
+    "fork": "Ran in a VM fork: the app was deployed to the fork's own swarm, and nothing outside it was touched.",
+    "host": "Ran on the host: the app was deployed to the operator's abra server, under the app's lock.",
+}
+
+
 def render_comment(
     report: Report,
     *,
@@ -76,6 +82,8 @@ def render_comment(
         ]
     rows = [_row(s) for s in report.steps]
     foot = [_note(n) for n in report.notes]
+    if report.mode:
+        foot.append(f"<sub>{MODES.get(report.mode, report.mode)}</sub>")
     if public_url:
         foot += ["", _links(public_url, marker_run_id, "Full log")]
     failing = report.failing_step()

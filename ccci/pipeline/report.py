@@ -6,7 +6,9 @@
 
 Added keys (never in place of contract keys): report ``notes`` (what the executor could not do
 as asked, e.g. forks run in the parent's sandbox), ``started_at`` (epoch seconds) and
-``artifacts`` (files the steps left in ``.ccci/artifacts``, kept with the run); step
+``artifacts`` (files the steps left in ``.ccci/artifacts``, kept with the run), ``mode`` (where
+the app lived: ``fork``, a VM fork's own swarm, or ``host``, the operator's; empty when no step
+ran); step
 ``teardown`` and ``started_at``. ``exit_code`` is null for a step that never ran.
 
 The run's verdict is decided in one place, ``verdict``, by precedence:
@@ -67,6 +69,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     started_at: float | None = None
     artifacts: list[str] = field(default_factory=list)  # files kept with the run, relative paths
+    mode: str = ""  # where the app lived: "fork" (the VM fork's own swarm) or "host" ("" before steps ran)
 
     def __post_init__(self) -> None:
         if self.status not in RUN_STATUSES:
@@ -98,6 +101,7 @@ class Report:
             "notes": list(self.notes),
             "started_at": self.started_at,
             "artifacts": list(self.artifacts),
+            "mode": self.mode,
         }
 
     def to_json(self, indent: int | None = None) -> str:
@@ -125,6 +129,7 @@ class Report:
             notes=list(data.get("notes", [])),
             started_at=data.get("started_at"),
             artifacts=list(data.get("artifacts", [])),
+            mode=str(data.get("mode", "")),
         )
 
 

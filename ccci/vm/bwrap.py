@@ -170,6 +170,7 @@ class BwrapExecutor:
 
     name = "bwrap"
     isolated_forks = False
+    own_swarm = False  # steps reach the operator's swarm (through abra's servers), shared by runs
 
     def __init__(
         self, use_bwrap: bool | None = None, *, grace: float = KILL_GRACE, confinement: Confinement | None = None

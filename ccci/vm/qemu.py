@@ -109,6 +109,12 @@ class QemuExecutor:
         self._bases: dict[str, Snapshot] = {}
         self._lock = threading.Lock()
 
+    @property
+    def own_swarm(self) -> bool:
+        """Whether each machine runs a swarm of its own (the docker image): an app deployed there is the machine's."""
+        info = find_image(self.image, self.state_dir)
+        return info is not None and info.heavy
+
     def warm_base(self, image: str | None = None) -> Snapshot:
         """Return the warm base of ``image``, booting and saving it on first use."""
         name = image or self.image

@@ -112,6 +112,14 @@ class RecipeRepo:
         self._checkout(head_ref)
         return self._publish(number, head_ref, self._commit(files, message))
 
+    def tag(self, name: str, ref: str = "main") -> str:
+        """Tag ``ref`` of the served repository as ``name`` (a release), push it, return its sha."""
+        git("fetch", "-q", "origin", cwd=self.work)
+        sha = git("rev-parse", f"origin/{ref}" if ref == "main" else ref, cwd=self.work)
+        git("tag", "-f", name, sha, cwd=self.work)
+        git("push", "-q", "-f", "origin", f"refs/tags/{name}", cwd=self.work)
+        return sha
+
     def rev(self, ref: str) -> str:
         """Return the sha ``ref`` points at in the bare (served) repository."""
         return git("rev-parse", "--verify", "-q", f"{ref}^{{commit}}", cwd=self.bare)

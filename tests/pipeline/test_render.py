@@ -121,3 +121,12 @@ def test_the_failing_steps_excerpt_shows_the_error_before_the_output():
     out = "".join(f"progress {i}\n" for i in range(100))
     text = render_comment(report_with(out), marker_run_id=9, tested_sha=SHA)
     assert text.index("stderr:") < text.index("boom") < text.index("stdout:") < text.index("progress 99")
+
+
+def test_the_comment_says_where_the_app_ran_and_the_report_keeps_it():
+    fork = render_comment(report_with("x", mode="fork"), marker_run_id=9, tested_sha=SHA)
+    host = render_comment(report_with("x", mode="host"), marker_run_id=9, tested_sha=SHA)
+    assert "Ran in a VM fork" in fork and "the operator's abra server" in host
+    assert "Ran in" not in render_comment(report_with("x"), marker_run_id=9, tested_sha=SHA)  # nothing ran
+    report = report_with("x", mode="fork")
+    assert report.to_dict()["mode"] == "fork" and Report.from_dict(report.to_dict()).mode == "fork"
