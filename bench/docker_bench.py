@@ -31,11 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vm_bench import first_output_time  # bench/ is on sys.path: the benchmarks run as scripts
+from vm_bench import first_output_time, write_results  # bench/ is on sys.path: the benchmarks run as scripts
 
 from ccci.config import Settings
 from ccci.pipeline.executor import ExecRequest
-from ccci.vm.extras import ImageExtras
+from ccci.vm.extras import ABRA_IN_GUEST, ImageExtras
 from ccci.vm.image import build_image
 from ccci.vm.instance import Layout, Vm
 from ccci.vm.qemu import QemuExecutor, QemuMachine
@@ -153,10 +153,12 @@ def main() -> int:
     parser.add_argument("--state-dir", type=Path, default=Path.home() / ".cache" / "ccci-test-vm")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "docker.md")
     parser.add_argument("--quick", action="store_true", help="a container run instead of the stack; no cold boot")
+    parser.add_argument("--abra", type=Path, help="abra to put into the image (as ABRA_BIN; the tests' image has one)")
     args = parser.parse_args()
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     build_image("tiny", args.state_dir, progress=say)
-    info = build_image("docker", args.state_dir, progress=say, extras=ImageExtras())
+    extras = ImageExtras(files=((ABRA_IN_GUEST, args.abra),)) if args.abra else ImageExtras()
+    info = build_image("docker", args.state_dir, progress=say, extras=extras)
     sizes = sorted({TB_CAPPED, TB_QEMU_DEFAULT} | (set() if args.quick else set(TB_COMPARED)))
     executors = {tb: QemuExecutor(args.state_dir, image="docker", tb_size_mb=tb, slots=1, log=say) for tb in sizes}
     capped = executors[TB_CAPPED]
@@ -244,10 +246,7 @@ def main() -> int:
         "base RAM pages no other process maps at that moment (with several forks they become shared).",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print(f"written {args.out}")
-    return 0
+    return write_results(args.out, lines)
 
 
 if __name__ == "__main__":

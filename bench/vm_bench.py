@@ -214,9 +214,14 @@ def main() -> int:
         "cache); the base's RAM pages the forks share are not in it.",
         "",
     ]  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print(f"written {args.out}")
+    return write_results(args.out, lines)
+
+
+def write_results(out: Path, lines: list[str]) -> int:
+    """Write a benchmark's results file (its lines) and say where; the benchmark's exit code."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print(f"written {out}")
     return 0
 
 

@@ -256,10 +256,10 @@ def wait_until(predicate, timeout=60.0, what="condition"):
         delay = min(delay * 2, 0.2)
 
 
-def final_comment(world, number: int, word: str):
+def final_comment(world, number: int, word: str, timeout: float = 60):
     return world.gitea.wait_for(
         lambda g: next((c for c in world.ccci_comments(number) if word in "\n".join(c.body.splitlines()[:2])), None),
-        timeout=60,
+        timeout=timeout,
     )
 
 

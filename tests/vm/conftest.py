@@ -5,8 +5,9 @@ The guest image and warm bases live in a stable cache (``CCCI_TEST_VM_CACHE``, d
 whose ``images`` and ``vm/bases`` point there, so its fork files are its own. Every QEMU a test
 started is killed when the test ends, whatever happened.
 
-The docker image is built into the same cache on first use (about a minute) and its warm base
-booted once (about two minutes under TCG); later sessions find both. Docker tests take the
+The docker image is built into the same cache on first use (about a minute), with abra in it
+(``test_image_extras``: the real abra if ``scripts/abra`` builds it, else ``tests/fakes/abra``),
+and its warm base booted once (about two minutes under TCG); later sessions find both. Docker tests take the
 host-wide Docker slot (one at a time), so they never crowd each other on the cores.
 
 The soak is not part of the default run: ``.venv/bin/pytest -m soak tests/vm``; nor are the
@@ -26,7 +27,14 @@ from ccci.vm.host import qemu_binary
 from ccci.vm.image import build_image
 from ccci.vm.qemu import QemuExecutor
 from ccci.vm.sweep import processes_using
-from tests.vm.vmhelpers import CACHE, busybox_rootfs, registry_cli, shared_vm_state
+from tests.vm.vmhelpers import (
+    CACHE,
+    WEBAPP_IMAGES,
+    busybox_rootfs,
+    registry_cli,
+    shared_vm_state,
+    test_image_extras,
+)
 
 DOCKER_TOOLS = ("mmdebstrap", "docker-registry", "umoci", "skopeo")
 
@@ -91,18 +99,22 @@ def docker_cache(vm_cache) -> Path:
     missing = [tool for tool in DOCKER_TOOLS if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (scripts/install installs them)")
-    build_image("docker", CACHE, progress=lambda _m: None)
+    build_image("docker", CACHE, progress=lambda _m: None, extras=test_image_extras())
     return CACHE
 
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory, docker_cache) -> str:
-    """A test registry on loopback holding hello:1 (busybox, serving 8080); returns its address."""
+    """A test registry on loopback holding hello:1 (busybox, serving 8080) and the test recipe's
+    images (busybox with /www and /data); returns its address."""
     root = tmp_path_factory.mktemp("registry")
     address = registry_cli("start", root / "data")["address"]
     try:
         rootfs = busybox_rootfs(root / "rootfs.tar")
         registry_cli("push", root / "data", str(rootfs), "library/hello:1", "httpd", "-f", "-p", "8080")
+        webapp = busybox_rootfs(root / "webapp.tar", dirs=("www", "data"))
+        for image in WEBAPP_IMAGES:
+            registry_cli("push", root / "data", str(webapp), image, "httpd", "-f", "-p", "8080", "-h", "/www")
         yield address
     finally:
         registry_cli("stop", root / "data")
@@ -111,4 +123,6 @@ def registry(tmp_path_factory, docker_cache) -> str:
 @pytest.fixture
 def docker_executor(state_dir: Path, registry: str) -> QemuExecutor:
     """A QEMU executor of the docker image, pulling through the test registry, one Docker slot."""
-    return QemuExecutor(state_dir, image="docker", registry_mirror=registry, slots=1, kill_grace=30.0)
+    return QemuExecutor(
+        state_dir, image="docker", registry_mirror=registry, slots=1, kill_grace=30.0, extras=test_image_extras()
+    )

@@ -27,7 +27,7 @@ from ccci.vm.qemu import QemuExecutor
 from ccci.vm.slots import acquire_slot
 from ccci.vm.sweep import processes_using
 from tests.e2e.conftest import wait_until
-from tests.vm.vmhelpers import REPO, STACK, fork_files, run
+from tests.vm.vmhelpers import REPO, STACK, abra_binary, fork_files, run, test_image_extras
 
 # The first test may build the image and boot the base. One xdist worker runs them all (they
 # would queue for the one Docker slot anyway) while the others run the rest of the suite.
@@ -60,7 +60,7 @@ WEB_SECRET = "docker exec $(docker ps -q -f label=com.docker.swarm.service.name=
 
 
 def test_the_docker_image_is_cached_and_names_what_it_holds(docker_cache):
-    info = build_image("docker", docker_cache, progress=lambda _m: None)
+    info = build_image("docker", docker_cache, progress=lambda _m: None, extras=test_image_extras())
     assert info.cached and info.heavy and info.memory_mb == 1024
     meta = json.loads((info.dir / "image.json").read_text())
     pinned = {p.split("=")[0] for p in meta["packages"]}
@@ -208,7 +208,8 @@ def test_ccci_test_runs_a_recipe_in_a_docker_fork_after_waiting_visibly_for_a_sl
         "steps:\n  - name: swarm\n    run: docker info --format '{{.Swarm.LocalNodeState}} {{.Driver}}'\n"
     )
     env = {**os.environ, "CCCI_STATE_DIR": str(state_dir), "CCCI_LOCK_DIR": str(tmp_path / "locks"),
-           "CCCI_ABRA_HOME": str(tmp_path / "abra"), "CCCI_EXECUTOR": "auto", "CCCI_DOCKER_SLOTS": "1"}  # fmt: skip
+           "CCCI_ABRA_HOME": str(tmp_path / "abra"), "CCCI_EXECUTOR": "auto", "CCCI_DOCKER_SLOTS": "1",
+           "CCCI_ABRA_BIN": str(abra_binary())}  # fmt: skip
     release = acquire_slot(state_dir / "vm" / "slots", 1)  # another run holds the host's one slot
     released = False
     try:

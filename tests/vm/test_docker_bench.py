@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.vm.vmhelpers import REPO
+from tests.vm.vmhelpers import REPO, abra_binary
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800), pytest.mark.xdist_group("docker")]
 
@@ -16,7 +16,7 @@ def test_the_docker_benchmark_runs_and_writes_its_table(docker_cache, tmp_path):
     out = tmp_path / "docker.md"
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "docker_bench.py"), "--quick", "--state-dir", str(docker_cache),
-         "--out", str(out)],
+         "--out", str(out), "--abra", str(abra_binary())],
         capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 from ccci.pipeline.executor import ExecRequest, ExecResult
+from ccci.vm.extras import ABRA_IN_GUEST, ImageExtras
 from ccci.vm.image import build_image
 from ccci.vm.image import file_hash as sha256  # noqa: F401  (re-exported for the tests)
 
@@ -50,14 +51,32 @@ def fork_files(state_dir: Path) -> list[Path]:
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_REGISTRY = REPO / "scripts" / "test-registry"
+FAKE_ABRA = REPO / "tests" / "fakes" / "abra"
+
+
+def abra_binary() -> Path:
+    """Return the abra the tests put into the docker image: the real one if scripts/abra can build
+    it (cached), else the test double tests/fakes/abra (the Go module proxy refuses abra here)."""
+    built = subprocess.run([str(REPO / "scripts" / "abra")], capture_output=True, text=True, timeout=1800)
+    if built.returncode == 0 and built.stdout.strip():
+        return Path(built.stdout.strip())
+    return FAKE_ABRA
+
+
+def test_image_extras() -> ImageExtras:
+    """The extras of the tests' docker image: abra only, so that every docker test shares one base."""
+    return ImageExtras(files=((ABRA_IN_GUEST, abra_binary()),))
+
+
 STACK = Path(__file__).resolve().parent / "stack"
 
 
-def busybox_rootfs(target: Path, busybox: Path = Path("/bin/busybox")) -> Path:
-    """Write a root filesystem tarball of the host's static busybox (Debian's busybox-static)."""
+def busybox_rootfs(target: Path, busybox: Path = Path("/bin/busybox"), dirs: tuple[str, ...] = ()) -> Path:
+    """Write a root filesystem tarball of the host's static busybox (Debian's busybox-static),
+    with the empty directories ``dirs`` besides bin, tmp and etc."""
     applets = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=True).stdout.split()
     with tarfile.open(target, "w") as tar:
-        for d in ("bin", "tmp", "etc"):
+        for d in ("bin", "tmp", "etc", *dirs):
             info = tarfile.TarInfo(d)
             info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
             tar.addfile(info)
@@ -77,3 +96,18 @@ def registry_cli(command: str, directory: Path, *args: str) -> dict:
     if done.returncode != 0:
         raise AssertionError(f"test-registry {command} failed ({done.returncode}): {done.stderr}")
     return json.loads(done.stdout) if done.stdout.strip() else {}
+
+
+WEBAPP = Path(__file__).resolve().parents[1] / "data" / "webapp"
+WEBAPP_IMAGES = ("ccci/webapp:1.0", "ccci/webapp:1.1")  # what the test registry serves for it
+
+
+def recipe_files(name: str = "webapp") -> dict[str, str]:
+    """Return the test recipe's files (tests/data/webapp), renamed to the recipe ``name`` (its
+    images stay ``ccci/webapp``: the ones the test registry serves)."""
+    files = {}
+    for path in sorted(WEBAPP.rglob("*")):
+        if path.is_file():
+            text = path.read_text().replace("webapp", name).replace(f"ccci/{name}:", "ccci/webapp:")
+            files[str(path.relative_to(WEBAPP))] = text
+    return files
