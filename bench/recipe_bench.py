@@ -98,6 +98,11 @@ def run(executor: QemuExecutor, ci: Path, workspace: Path, sha: str, run_id: str
     return wall, report
 
 
+def abra_label(abra: Path) -> str:
+    """Name the abra the image holds: relative to the repository when it is the tests' double."""
+    return str(abra.relative_to(ROOT)) + " (the test double)" if abra.is_relative_to(ROOT / "tests") else str(abra)
+
+
 def fresh_state(scratch: Path, cache: Path) -> Path:
     """A STATE_DIR sharing the cache's images but with no warm base: its first machine boots afresh."""
     state = scratch / "fresh-state"
@@ -187,7 +192,7 @@ def main() -> int:
         f"Measured by `bench/recipe_bench.py{' --quick' if args.quick else ''}` in one run on "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} ({host}); accelerator **{warm.accel.name}** — "
         f"{warm.accel.reason}.",
-        f"Guest: image `docker` {info.hash[:12]} with abra ({extras.files[0][1].name}), "
+        f"Guest: image `docker` {info.hash[:12]} with abra from `{abra_label(extras.files[0][1])}`, "
         f"{base.layout.memory_mb} MiB RAM, 1 vCPU;"
         + (f" its warm base was booted and readied in {base_s:.0f} s for this run." if base_s else " base cached."),
         "",
