@@ -6,7 +6,7 @@ whose ``images`` and ``vm/bases`` point there, so its fork files are its own. Ev
 started is killed when the test ends, whatever happened.
 
 The docker image is built into the same cache on first use (about a minute), with abra in it
-(``test_image_extras``: the real abra if ``scripts/abra`` builds it, else ``tests/fakes/abra``),
+(``image_extras_for_tests``: the real abra if ``scripts/abra`` builds it, else ``tests/fakes/abra``),
 and its warm base booted once (about two minutes under TCG); later sessions find both. Docker tests take the
 host-wide Docker slot (one at a time), so they never crowd each other on the cores.
 
@@ -33,7 +33,7 @@ from tests.vm.vmhelpers import (
     busybox_rootfs,
     registry_cli,
     shared_vm_state,
-    test_image_extras,
+    image_extras_for_tests,
 )
 
 DOCKER_TOOLS = ("mmdebstrap", "docker-registry", "umoci", "skopeo")
@@ -99,7 +99,7 @@ def docker_cache(vm_cache) -> Path:
     missing = [tool for tool in DOCKER_TOOLS if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (scripts/install installs them)")
-    build_image("docker", CACHE, progress=lambda _m: None, extras=test_image_extras())
+    build_image("docker", CACHE, progress=lambda _m: None, extras=image_extras_for_tests())
     return CACHE
 
 
@@ -124,5 +124,5 @@ def registry(tmp_path_factory, docker_cache) -> str:
 def docker_executor(state_dir: Path, registry: str) -> QemuExecutor:
     """A QEMU executor of the docker image, pulling through the test registry, one Docker slot."""
     return QemuExecutor(
-        state_dir, image="docker", registry_mirror=registry, slots=1, kill_grace=30.0, extras=test_image_extras()
+        state_dir, image="docker", registry_mirror=registry, slots=1, kill_grace=30.0, extras=image_extras_for_tests()
     )

@@ -27,7 +27,7 @@ from ccci.vm.qemu import QemuExecutor
 from ccci.vm.slots import acquire_slot
 from ccci.vm.sweep import processes_using
 from tests.e2e.conftest import wait_until
-from tests.vm.vmhelpers import REPO, STACK, abra_binary, fork_files, run, test_image_extras
+from tests.vm.vmhelpers import REPO, STACK, abra_binary, fork_files, run, image_extras_for_tests
 
 # The first test may build the image and boot the base. One xdist worker runs them all (they
 # would queue for the one Docker slot anyway) while the others run the rest of the suite.
@@ -60,7 +60,7 @@ WEB_SECRET = "docker exec $(docker ps -q -f label=com.docker.swarm.service.name=
 
 
 def test_the_docker_image_is_cached_and_names_what_it_holds(docker_cache):
-    info = build_image("docker", docker_cache, progress=lambda _m: None, extras=test_image_extras())
+    info = build_image("docker", docker_cache, progress=lambda _m: None, extras=image_extras_for_tests())
     assert info.cached and info.heavy and info.memory_mb == 1024
     meta = json.loads((info.dir / "image.json").read_text())
     pinned = {p.split("=")[0] for p in meta["packages"]}

@@ -63,7 +63,7 @@ def abra_binary() -> Path:
     return FAKE_ABRA
 
 
-def test_image_extras() -> ImageExtras:
+def image_extras_for_tests() -> ImageExtras:
     """The extras of the tests' docker image: abra only, so that every docker test shares one base."""
     return ImageExtras(files=((ABRA_IN_GUEST, abra_binary()),))
 
