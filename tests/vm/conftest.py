@@ -31,9 +31,9 @@ from tests.vm.vmhelpers import (
     CACHE,
     WEBAPP_IMAGES,
     busybox_rootfs,
+    image_extras_for_tests,
     registry_cli,
     shared_vm_state,
-    image_extras_for_tests,
 )
 
 DOCKER_TOOLS = ("mmdebstrap", "docker-registry", "umoci", "skopeo")

@@ -27,7 +27,7 @@ from ccci.vm.qemu import QemuExecutor
 from ccci.vm.slots import acquire_slot
 from ccci.vm.sweep import processes_using
 from tests.e2e.conftest import wait_until
-from tests.vm.vmhelpers import REPO, STACK, abra_binary, fork_files, run, image_extras_for_tests
+from tests.vm.vmhelpers import REPO, STACK, abra_binary, fork_files, image_extras_for_tests, run
 
 # The first test may build the image and boot the base. One xdist worker runs them all (they
 # would queue for the one Docker slot anyway) while the others run the rest of the suite.
