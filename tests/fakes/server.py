@@ -6,6 +6,7 @@ control notifies, so tests wait for what they expect with ``wait_for`` instead o
 
 from __future__ import annotations
 
+import abc
 import threading
 import time
 from collections.abc import Callable
@@ -15,16 +16,18 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-class FakeHandler(BaseHTTPRequestHandler):
+class FakeHandler(BaseHTTPRequestHandler, abc.ABC):
     """Hands every request, whatever its method, to the fake's own ``_handle``; logs nothing.
 
-    Fakes record the calls they answer instead of logging them.
+    An abstract base: each fake's handler defines ``_handle``. Fakes record the calls they
+    answer instead of logging them.
     """
 
     timeout = 10  # a client that connects and never sends must not pin a thread forever
 
+    @abc.abstractmethod
     def _handle(self) -> None:
-        raise NotImplementedError  # each fake's handler answers here
+        """Answer the request: each fake's own routing, in its documented shapes."""
 
     def do_GET(self) -> None:
         self._handle()
