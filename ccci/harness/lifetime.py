@@ -10,7 +10,11 @@ parent it was told of is still there, because it may have died before the reques
 
 Signals set state; they never raise. Every way in becomes a request on the guard — a ``Stop``
 (``pipeline/stop.py``), which the scheduler, the app-lock wait and the checkout watch — and the
-first request decides the verdict and the exit code::
+first request decides the verdict and the exit code. The handler itself takes no lock: Python runs
+it in the main thread between two bytecodes, quite possibly while that thread holds the stop's
+Event lock inside ``wait``, and taking that lock again there would hang the run for good. So the
+handler only records the request and writes a byte to a pipe; a relay thread reads it, sets the
+Event and logs::
 
     signal                      status       exit code
     SIGTERM (or parent died)    canceled     143
@@ -28,6 +32,7 @@ by an interactive shell does), so that signalling the group reaches every child 
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import logging
 import os
@@ -35,7 +40,7 @@ import signal
 import threading
 from types import FrameType
 
-from ..pipeline.stop import Stop
+from ..pipeline.stop import Stop, StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,11 @@ class LifetimeGuard(Stop):
         self.parent_pid = parent_pid
         self.shielded = False  # teardown began: later signals are recorded, not acted on
         self._previous: dict[int, object] = {}
+        # The handler's side of the relay: what to log (appended in the handler, popped by the
+        # relay; deque operations take no lock a handler could deadlock on) and the pipe's ends.
+        self._to_log: collections.deque[tuple[str, tuple[str, ...]]] = collections.deque()
+        self._wake_read = self._wake_write = -1
+        self._relay: threading.Thread | None = None
 
     @property
     def signals(self) -> list[str]:
@@ -85,11 +95,17 @@ class LifetimeGuard(Stop):
         signal.setitimer(signal.ITIMER_REAL, 0)
 
     def uninstall(self) -> None:
-        """Disarm the deadline and restore the signal handlers that were there before."""
+        """Disarm the deadline, restore the signal handlers that were there before, end the relay."""
         self.cancel_deadline()
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)  # type: ignore[arg-type]
         self._previous.clear()
+        if self._relay is not None:
+            # No handler of ours can write any more: closing the write end ends the relay's read,
+            # after it has passed on whatever was written before.
+            os.close(self._wake_write)
+            self._relay.join(timeout=5)
+            self._relay = None
 
     def __enter__(self) -> LifetimeGuard:
         return self
@@ -103,6 +119,10 @@ class LifetimeGuard(Stop):
             # group, which Drone never signals anyway. A group leader (an interactive shell's
             # job) keeps its group so that Ctrl-C from the terminal still reaches it.
             os.setsid()
+        self._wake_read, self._wake_write = os.pipe()  # both close on exec: no step inherits them
+        os.set_blocking(self._wake_write, False)  # a handler must never block on a full pipe
+        self._relay = threading.Thread(target=self._relay_signals, name="ccci-guard-relay", daemon=True)
+        self._relay.start()
         for signum in _FUNNEL:
             self._previous[signum] = signal.signal(signum, self._handle)
         _set_parent_death_signal(signal.SIGTERM)
@@ -121,11 +141,28 @@ class LifetimeGuard(Stop):
             reason = f"{name} received: the parent process {self.parent_pid} is gone"
         else:
             reason = f"{name} received"
-        self.request(status, reason, exit_code=code, source=name)
+        # Recorded here, at once, so that ``first`` and ``check()`` see it the moment the handler
+        # returns; the Event is the relay's to set (see the module docstring).
+        self.requests.append(StopRequest(status, code, reason, name))
         if self.shielded:
-            log.warning("%s during teardown (%s); teardown continues", name, reason)
+            self._to_log.append(("%s during teardown (%s); teardown continues", (name, reason)))
         elif len(self.requests) == 1:
-            log.warning("run interrupted: %s", reason)
+            self._to_log.append(("run interrupted: %s", (reason,)))
+        try:
+            os.write(self._wake_write, b"!")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups the relay has yet to read: it will see this one too
+
+    def _relay_signals(self) -> None:
+        """Set the Event and log for every wake-up the handler wrote, until the pipe is closed."""
+        try:
+            while os.read(self._wake_read, 512):
+                self.event.set()
+                while self._to_log:
+                    message, words = self._to_log.popleft()
+                    log.warning(message, *words)
+        finally:
+            os.close(self._wake_read)
 
 
 def install_guard(deadline_seconds: float, *, parent_pid: int | None = None) -> LifetimeGuard:

@@ -57,18 +57,22 @@ class Stop:
         return self.requests[0] if self.requests else None
 
     def request(self, status: str, reason: str, *, exit_code: int | None = None, source: str = "") -> None:
-        """Ask the run to stop; safe from a signal handler (it only appends and sets an Event)."""
+        """Ask the run to stop, from any thread.
+
+        Never from a signal handler: setting the Event takes its lock, which the interrupted thread
+        may hold at that moment (the lifetime guard records a signal's request and relays the rest).
+        """
         code = EXIT_CODES[status] if exit_code is None else exit_code
         self.requests.append(StopRequest(status, code, reason, source))
         self.event.set()
 
     def is_set(self) -> bool:
-        """Tell whether a stop was requested."""
-        return self.event.is_set()
+        """Tell whether a stop was requested (the requests decide, before the Event is set)."""
+        return bool(self.requests)
 
     def wait(self, timeout: float) -> bool:
         """Sleep up to ``timeout`` seconds, waking at once on a stop request; True if one came."""
-        return self.event.wait(timeout)
+        return bool(self.requests) or self.event.wait(timeout)
 
     def check(self) -> None:
         """Raise ``Stopped`` if a stop was requested: for code between two pieces of work."""

@@ -5,7 +5,7 @@ it takes commands as lines on stdin. Logging goes to stdout too, so the guard's 
 visible to the test.
 
     guard [--deadline S] [--parent-pid P] [--marker F] [--wait-go] [--teardown-wait] [--child]
-          [--finish-on-line]
+          [--finish-on-line] [--poll]
     spawn-guarded ARGS...          an intermediate parent that starts `guard ARGS...` and waits
     hold-lock DIR DOMAIN RUN [--wait S] [--reap-log F] [--guard]
     janitor DIR [--reap-log F] [--reap-gate] [--runs-dir D]   (Janitor.thorough)
@@ -27,7 +27,9 @@ from ccci.pipeline.stop import Stopped
 
 
 def say(*words: object) -> None:
-    print(*words, flush=True)
+    # One write per line: the guard's relay thread logs to the same stdout at the same time.
+    sys.stdout.write(" ".join(map(str, words)) + "\n")
+    sys.stdout.flush()
 
 
 def cmd_guard(args: argparse.Namespace) -> int:
@@ -49,6 +51,12 @@ def cmd_guard(args: argparse.Namespace) -> int:
         say("ready", os.getpid(), os.getsid(0), os.getpgid(0))
         if args.finish_on_line:
             sys.stdin.readline()  # the body ends normally when the test says so
+        elif args.poll:
+            # The app-lock wait's and the scheduler's shape at its tightest: the main thread is
+            # inside the stop's Event (holding its lock) nearly all the time a signal can land.
+            while not guard.wait(0):
+                pass
+            say("interrupted", guard.first.status)
         else:
             guard.event.wait()  # signals set the switch; nothing is raised into this wait
             say("interrupted", guard.first.status)
@@ -162,6 +170,7 @@ def main() -> int:
     p.add_argument("--teardown-wait", action="store_true")
     p.add_argument("--child", action="store_true")
     p.add_argument("--finish-on-line", action="store_true")
+    p.add_argument("--poll", action="store_true")
     sub.add_parser("spawn-guarded")  # every further argument goes to the guarded child
     p = sub.add_parser("hold-lock")
     p.add_argument("dir")

@@ -19,6 +19,21 @@ def test_sigterm_runs_the_finally_block_and_exits_143(helpers, tmp_path):
     assert marker.read_text() == "teardown done: canceled SIGTERM"
 
 
+def test_a_signal_landing_while_the_run_polls_its_stop_is_never_lost(helpers, tmp_path):
+    # A run that polls its stop (the app-lock wait, the scheduler) is inside the stop's Event,
+    # holding its lock, when most signals land. A handler that took that lock again in the same
+    # thread hung the run for good; eight runs signalled mid-poll each end canceled, promptly.
+    runs = [helpers.start("guard", "--poll", "--marker", str(tmp_path / f"marker-{i}")) for i in range(8)]
+    for run in runs:
+        run.expect("ready")
+    for run in runs:
+        os.kill(run.pid, signal.SIGTERM)
+    for i, run in enumerate(runs):
+        run.expect("interrupted canceled")
+        assert run.wait() == 143
+        assert (tmp_path / f"marker-{i}").read_text() == "teardown done: canceled SIGTERM"
+
+
 def test_sigint_exits_130_as_canceled(helpers, tmp_path):
     marker = tmp_path / "marker"
     run = helpers.start("guard", "--marker", str(marker))
