@@ -22,6 +22,6 @@ def test_the_docker_benchmark_runs_and_writes_its_table(docker_cache, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     table = out.read_text()
     assert "# Docker fork benchmark (quick)" in table
-    for row in ("Fork → first command", "Private memory of that fork", "Two forks at once"):
+    for row in ("Fork → first command", "Memory only that fork holds", "Two forks at once"):
         assert f"| {row}" in table, table
     assert "fork → first command:" in done.stderr
