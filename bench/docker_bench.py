@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -33,7 +32,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vm_bench import first_output_time, write_results  # bench/ is on sys.path: the benchmarks run as scripts
+from vm_bench import (  # bench/ is on sys.path: the benchmarks run as scripts
+    first_output_time,
+    measured_by,
+    table,
+    write_results,
+)
 
 from ccci.config import Settings
 from ccci.pipeline.executor import ExecRequest
@@ -257,19 +261,14 @@ def main() -> int:
          f"{pair_wall / fork_s:.2f} × one fork alone; each {', '.join(f'{s:.1f}' for s, _ in pair)} s; "
          f"memory each holds alone: median {mib(pair_own)}, private {mib(pair_private)}"),
     ]  # fmt: skip
-    host = f"{platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()}"
     lines = [
         "# Docker fork benchmark" + (" (quick)" if args.quick else ""),
         "",
-        f"Measured by `bench/docker_bench.py{' --quick' if args.quick else ''}` in one run on "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} ({host}); accelerator **{capped.accel.name}** — "
-        f"{capped.accel.reason}.",
+        measured_by("docker_bench.py", args.quick, capped.accel),
         f"Guest: image `docker` {info.hash[:12]} ({info.kernel_package}), {base.layout.memory_mb} MiB RAM, 1 vCPU;"
         + (f" its warm base was booted and readied in {base_s:.0f} s for this run." if base_s else " base cached."),
         "",
-        "| What | Result | Ratio / note |",
-        "|---|---|---|",
-        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+        *table(rows),
         "",
         f"Raw: first commands {', '.join(f'{f:.2f}' for f in firsts)} s; memory (KiB) by tb-size "
         f"{ {tb: m for tb, (_, m) in by_tb.items()} }, pair {[m for _, m in pair]}"

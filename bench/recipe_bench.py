@@ -19,8 +19,6 @@ Images come from the test registry (``scripts/test-registry``); abra in the gues
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,7 +28,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vm_bench import write_results  # bench/ is on sys.path: the benchmarks run as scripts
+from vm_bench import measured_by, table, write_results  # bench/ is on sys.path: the benchmarks run as scripts
 
 from ccci.pipeline.report import Report
 from ccci.pipeline.scheduler import run_pipeline
@@ -185,20 +183,15 @@ def main() -> int:
         (f"{checks} sequential re-deploys, one check each", f"{redeploy_s:.1f} s",
          f"forked {forked_s / redeploy_s:.2f} × re-deploys"),
     ]  # fmt: skip
-    host = f"{platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()}"
     lines = [
         "# Recipe lifecycle benchmark" + (" (quick)" if args.quick else ""),
         "",
-        f"Measured by `bench/recipe_bench.py{' --quick' if args.quick else ''}` in one run on "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} ({host}); accelerator **{warm.accel.name}** — "
-        f"{warm.accel.reason}.",
+        measured_by("recipe_bench.py", args.quick, warm.accel),
         f"Guest: image `docker` {info.hash[:12]} with abra from `{abra_label(extras.files[0][1])}`, "
         f"{base.layout.memory_mb} MiB RAM, 1 vCPU;"
         + (f" its warm base was booted and readied in {base_s:.0f} s for this run." if base_s else " base cached."),
         "",
-        "| What | Result | Ratio / note |",
-        "|---|---|---|",
-        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+        *table(rows),
         "",
         "The test recipe is `tests/data/webapp` (compose 3.8, a Traefik-labelled `app`, a healthcheck, a",
         "versioned config and secret, the `proxy` network, a volume). Every deploy is abra's `app deploy`",

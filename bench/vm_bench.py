@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ccci.pipeline.executor import ExecRequest
+from ccci.vm.host import Accel
 from ccci.vm.image import build_image
 from ccci.vm.instance import Layout, Vm
 from ccci.vm.qemu import QemuExecutor, QemuMachine
@@ -190,18 +191,14 @@ def main() -> int:
          "probe's shell agent: 61–85 ms"),
         (f"Agent round trip, ping (median of {n.round_trips})", f"{rt_ping * 1000:.2f} ms", ""),
     ]  # fmt: skip
-    host = f"{platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()}"
     lines = [
         "# QEMU executor benchmark",
         "",
-        f"Measured by `bench/vm_bench.py` in one run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-        f" ({host}); accelerator **{executor.accel.name}** — {executor.accel.reason}."
-        + (" A quick smoke run (`--quick`): one or two samples each, ratios only indicative." if args.quick else ""),
+        measured_by("vm_bench.py", args.quick, executor.accel)
+        + (" A quick smoke run: one or two samples each, ratios only indicative." if args.quick else ""),
         f"Guest: image `tiny` {base.layout.image.hash[:12]}, {base.layout.memory_mb} MiB RAM, 1 vCPU.",
         "",
-        "| What | Result | Ratio / note |",
-        "|---|---|---|",
-        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+        *table(rows),
         "",
         "Raw: cold " + ", ".join(f"{c:.3f}" for c in cold) + " s; forks "
         + ", ".join(f"{f:.3f}" for f in forks) + f" s; memory of {n.live} forks (KiB) "
@@ -215,6 +212,20 @@ def main() -> int:
         "",
     ]  # fmt: skip
     return write_results(args.out, lines)
+
+
+def measured_by(script: str, quick: bool, accel: Accel) -> str:
+    """Return a results file's provenance line: which benchmark, when, on what host, which accelerator."""
+    host = f"{platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()}"
+    return (
+        f"Measured by `bench/{script}{' --quick' if quick else ''}` in one run on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} ({host}); accelerator **{accel.name}** — {accel.reason}."
+    )
+
+
+def table(rows: list[tuple[str, str, str]]) -> list[str]:
+    """Return the results table's lines: what was measured, the figure, its ratio or a note."""
+    return ["| What | Result | Ratio / note |", "|---|---|---|", *[f"| {a} | {b} | {c} |" for a, b, c in rows]]
 
 
 def write_results(out: Path, lines: list[str]) -> int:
