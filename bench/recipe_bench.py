@@ -4,7 +4,7 @@
                                            [--checks N] [--abra PATH] [--quick]
 
 Every figure comes from this one run on this host, and the ratios are computed from them:
-- the default pipeline (``ccci/recipes/_default/ci.yml``: new, the latest release, the upgrade to
+- the default pipeline (``ccci/recipes/_default/ci.yml``: new, secrets, the latest release, the upgrade to
   the PR head, health, the recipe's own tests, undeploy, remove) on the test recipe
   (``tests/data/webapp``, an upgrade PR over its release 1.0.0+1.0), in forks of the cached warm
   docker base, against the same pipeline on a freshly booted VM (no warm base: QEMU boots the
@@ -52,11 +52,16 @@ CHECK = (
 def pipeline_file(scratch: Path, name: str, steps: list[dict], *, keep: tuple[str, ...] = ()) -> Path:
     """Write a ci.yml of the default pipeline's steps named in ``keep`` (all if empty), plus ``steps``."""
     ci = yaml.safe_load(DEFAULT_CI.read_text())
+    every = {s["name"]: s for s in ci["steps"]}
     ci["steps"] = [s for s in ci["steps"] if not keep or s["name"] in keep] + steps
     names = {s["name"] for s in ci["steps"]}
-    for step in ci["steps"]:  # a dropped step's dependants follow what it needed (release: new)
+
+    def kept(needs: list[str]) -> list[str]:  # a dropped step's dependants need what it needed
+        return [m for n in needs for m in ([n] if n in names else kept(every[n].get("needs", [])))]
+
+    for step in ci["steps"]:
         if "needs" in step:
-            step["needs"] = [n for n in step["needs"] if n in names] or (["new"] if step["name"] != "new" else [])
+            step["needs"] = kept(step["needs"])
     path = scratch / name / "ci.yml"
     path.parent.mkdir(parents=True)
     path.write_text(yaml.safe_dump(ci, sort_keys=False))
@@ -126,7 +131,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ccci-recipe-bench-") as tmp:
         scratch = Path(tmp)
         # Every pipeline is written (and so checked) before the first minute of VM time is spent.
-        once = ("new", "deploy", "health", "undeploy", "remove")
+        once = ("new", "secrets", "deploy", "health", "undeploy", "remove")
         forked_checks = [{"name": f"check-{i}", "needs": ["health"], "fork_from": "health", "run": CHECK}
                          for i in range(checks)]  # fmt: skip
         lifecycle = pipeline_file(scratch, "lifecycle", [])
@@ -172,7 +177,7 @@ def main() -> int:
 
     check_times = [s.duration_ms / 1000 for s in forked_report.steps if s.name.startswith("check-") and s.duration_ms]
     rows = [
-        ("Lifecycle in forks of the warm base (new → release → upgrade → health → own tests → teardown)",
+        ("Lifecycle in forks of the warm base (new → secrets → release → upgrade → health → own tests → teardown)",
          f"{fork_s:.1f} s" if fork_s else "skipped (--quick)",
          ", ".join(f"{k} {v:.0f} s" for k, v in durations.items())),
         ("The same pipeline on a freshly booted VM (boot, dockerd, swarm, then the pipeline)",

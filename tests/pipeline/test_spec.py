@@ -185,6 +185,13 @@ def test_a_pipeline_knows_whether_it_runs_abra(tmp_path, run, uses):
 def test_the_default_pipeline_runs_abra_and_forks_its_checks_from_health():
     pipeline = load_pipeline(Path(__file__).resolve().parents[2] / "ccci" / "recipes" / "_default" / "ci.yml")
     assert pipeline.uses_abra
-    assert [s.name for s in pipeline.steps if not s.teardown] == ["new", "release", "deploy", "health", "recipe-tests"]
+    assert [s.name for s in pipeline.steps if not s.teardown] == [
+        "new",
+        "secrets",
+        "release",
+        "deploy",
+        "health",
+        "recipe-tests",
+    ]
     assert pipeline.step("recipe-tests").fork_from == "health"
     assert [s.name for s in pipeline.steps if s.teardown] == ["undeploy", "remove"]

@@ -131,6 +131,7 @@ def test_the_lifecycle_in_a_fork_release_upgrade_own_tests_and_two_checks_with_t
     [log] = (state_dir / "runs").glob("*/log")
     assert "executor: qemu, mode: fork" in log.read_text()
     # The upgrade: the latest release first, then the PR head over it.
+    assert steps["secrets"]["status"] == "passed"
     assert "deploying the latest release, 1.0.0+1.0" in steps["release"]["stdout"]
     assert steps["release"]["metrics"] == {"upgrade_from_release": 1}
     assert "webapp 1.1 is up" in steps["health"]["stdout"]  # the head's page, on its domain
